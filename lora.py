@@ -1,0 +1,183 @@
+"""Hand-rolled low-rank adapters (LoRA) for the DiT.
+
+`inject_lora` swaps the targeted nn.Linear modules for `LoRALinear` in place. The frozen base weight keeps its
+name (`<module>.weight`) and each named adapter adds `<module>.lora_A.<name>.weight` [r, in] and
+`<module>.lora_B.<name>.weight` [out, r]: the key layout of the official consolidated checkpoints.
+y = x W^T + sum_adapters scale * (dropout(x) A^T) B^T, with scale = alpha / rank (times a per-adapter multiplier).
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DEFAULT_TARGETS = "q_proj,k_proj,v_proj,output_proj,mlp.layer1,mlp.layer2"
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear plus any number of named low-rank adapters."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # the same Parameter: loading base weights before or after injection is equal
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.alpha_over_rank = {}  # adapter name -> alpha / rank
+        self.scale = {}  # adapter name -> alpha / rank * multiplier (the multiplier is 1 unless set)
+        self.dropout = {}  # adapter name -> dropout probability
+        self.merged = set()  # adapters folded into self.weight
+        self.use_fused_kernel = True  # on CUDA, one adapter: kernels/lora.py (False: plain PyTorch, for comparison)
+
+    def add_adapter(self, name, rank, alpha, dropout=0.0, dtype=torch.float32):
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists")
+        device = self.weight.device
+        self.lora_A[name] = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
+        self.alpha_over_rank[name] = alpha / rank
+        self.scale[name] = alpha / rank
+        self.dropout[name] = dropout
+        self.reset_adapter(name)
+
+    @torch.no_grad()
+    def reset_adapter(self, name):
+        """A Kaiming-uniform (nn.Linear's default), B zero: the adapter starts as the identity."""
+        if not self.lora_A[name].weight.is_meta:
+            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B[name].weight)
+
+    def active_adapters(self):
+        return [n for n in self.lora_A if n not in self.merged and self.scale[n] != 0.0]
+
+    def forward(self, x):
+        active = self.active_adapters()
+        if (self.use_fused_kernel and x.is_cuda and len(active) == 1 and self.bias is None
+                and self.dropout[active[0]] == 0.0):
+            from kernels.lora import lora_linear
+
+            name = active[0]
+            return lora_linear(x, self.weight, self.lora_A[name].weight, self.lora_B[name].weight, self.scale[name])
+        y = F.linear(x, self.weight, self.bias)
+        for name in active:
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            h = F.dropout(x, self.dropout[name], self.training)
+            y = y + self.scale[name] * F.linear(F.linear(h, A.to(x.dtype)), B.to(x.dtype))
+        return y
+
+    @torch.no_grad()
+    def delta_weight(self, name):
+        A, B = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
+        return self.scale[name] * (B @ A)  # [out, in] fp32
+
+    @torch.no_grad()
+    def merge(self, name):
+        if name in self.merged:
+            raise ValueError(f"adapter {name!r} is already merged")
+        self.weight.copy_((self.weight.float() + self.delta_weight(name)).to(self.weight.dtype))
+        self.merged.add(name)
+
+    @torch.no_grad()
+    def unmerge(self, name):
+        if name not in self.merged:
+            raise ValueError(f"adapter {name!r} is not merged")
+        self.weight.copy_((self.weight.float() - self.delta_weight(name)).to(self.weight.dtype))
+        self.merged.remove(name)
+
+    def extra_repr(self):
+        adapters = ", ".join(f"{n}(r={self.lora_A[n].out_features}, scale={self.scale[n]:g})" for n in self.lora_A)
+        return f"in={self.in_features}, out={self.out_features}, adapters=[{adapters}]"
+
+
+def matches(module_name, targets):
+    """PEFT's rule: a target matches the full module name or a dotted suffix of it."""
+    return any(module_name == t or module_name.endswith("." + t) for t in targets)
+
+
+def parse_targets(target_modules):
+    targets = [t.strip() for t in target_modules.split(",")] if isinstance(target_modules, str) else list(target_modules)
+    if not targets or any(not t for t in targets):
+        raise ValueError(f"bad lora target_modules {target_modules!r}")
+    return targets
+
+
+def inject_lora(model, target_modules=DEFAULT_TARGETS, rank=32, alpha=32, adapter_name="default", dropout=0.0,
+                dtype=torch.float32):
+    """Add the adapter `adapter_name` to every nn.Linear whose name matches a target (LoRALinear modules get
+    another adapter). Freezes nothing by itself; see `mark_only_lora_trainable`. Returns the adapted names."""
+    targets = parse_targets(target_modules)
+    adapted = []
+    for name, module in list(model.named_modules()):
+        if not matches(name, targets):
+            continue
+        if isinstance(module, nn.Linear):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            module = LoRALinear(module)
+            setattr(parent, child, module)
+        elif not isinstance(module, LoRALinear):
+            continue
+        module.add_adapter(adapter_name, rank, alpha, dropout, dtype)
+        adapted.append(name)
+    if not adapted:
+        raise ValueError(f"no module of {type(model).__name__} matches lora targets {targets}")
+    return adapted
+
+
+def lora_modules(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def mark_only_lora_trainable(model):
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_A." in name or ".lora_B." in name)
+
+
+def set_adapter_scale(model, adapter_name, multiplier):
+    """Scale an adapter's contribution: scale = alpha / rank * multiplier (0 switches it off)."""
+    for name, m in lora_modules(model).items():
+        if adapter_name not in m.lora_A:
+            raise KeyError(f"{name} has no adapter {adapter_name!r}")
+        if adapter_name in m.merged:
+            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge it before changing its scale")
+        m.scale[adapter_name] = m.alpha_over_rank[adapter_name] * multiplier
+
+
+def merge_lora(model, adapter_name="default"):
+    for m in lora_modules(model).values():
+        m.merge(adapter_name)
+
+
+def unmerge_lora(model, adapter_name="default"):
+    for m in lora_modules(model).values():
+        m.unmerge(adapter_name)
+
+
+def lora_state_dict(model, adapter_name="default"):
+    """The adapter alone: `<module>.lora_A.<name>.weight` / `<module>.lora_B.<name>.weight` tensors."""
+    tag_a, tag_b = f".lora_A.{adapter_name}.", f".lora_B.{adapter_name}."
+    out = {k: v for k, v in model.state_dict().items() if tag_a in k or tag_b in k}
+    if not out:
+        raise KeyError(f"model has no adapter {adapter_name!r}")
+    return out
+
+
+@torch.no_grad()
+def load_lora_state_dict(model, state_dict, adapter_name="default"):
+    """Strictly load one adapter: every LoRA key of `adapter_name` in the model must be given, with its shape,
+    and nothing else."""
+    own = lora_state_dict(model, adapter_name)
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mis_shaped = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or mis_shaped:
+        raise KeyError(f"adapter {adapter_name!r} does not fit the model: {len(missing)} missing "
+                       f"{missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}, mis-shaped {mis_shaped[:5]}")
+    for k, v in own.items():
+        v.copy_(state_dict[k])
