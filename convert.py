@@ -83,3 +83,30 @@ def dit_to_diffusers(state_dict):
 
 def dit_from_diffusers(state_dict, adapter_name="default"):
     return {dit_key_from_diffusers(k, adapter_name): v for k, v in state_dict.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DCP checkpoints written by train.py
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_dcp(checkpoint_dir, section):
+    """One section ("model", "ema", ...) of a train.py DCP checkpoint as a plain dict of CPU tensors, read in a
+    single process (no torch.distributed needed), whatever the number of ranks that wrote it."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(checkpoint_dir))
+    try:
+        metadata = reader.read_metadata()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{checkpoint_dir} is not a DCP checkpoint (no .metadata file)") from None
+    prefix = section + "."
+    tensors = {k[len(prefix):]: v for k, v in metadata.state_dict_metadata.items()
+               if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)}
+    if not tensors:
+        raise KeyError(f"{checkpoint_dir} has no tensors in section {section!r}")
+    state = {section: {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in tensors.items()}}
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    return state[section]

@@ -2,19 +2,26 @@
 
 1. DiT: the video2world diffusion transformer (the reference's MinimalV1LVGDiT over MiniTrainDIT).
    Parameter names equal the official checkpoint keys with the `net.` prefix removed.
+2. WanVAE: the Wan2.1 causal video VAE (the reference's "tokenizer"); keys equal `tokenizer.pth`.
+3. TextEncoder: the Qwen2.5 language model of Cosmos-Reason1-7B -> [B, 512, 100352] embeddings.
 
-Numerics follow the reference's "wan fp32 strategy": the timestep embedding, every adaLN modulation, the final
-layer and q/k around RoPE run in fp32; everything else runs in the parameter dtype (bf16 in training).
+Numerics of the DiT follow the reference's "wan fp32 strategy": the timestep embedding, every adaLN modulation, the
+final layer and q/k around RoPE run in fp32; everything else runs in the parameter dtype (bf16 in training).
 """
 
+import json
 import math
+import re
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
+import torch.utils.checkpoint
+from safetensors import safe_open
+from tokenizers import Tokenizer
 # ----------------------------------------------------------------------------------------------------------------
 # 1. DiT
 # ----------------------------------------------------------------------------------------------------------------
@@ -170,6 +177,30 @@ def attention(q_B_S_H_D, k_B_S_H_D, v_B_S_H_D, backend="triton"):
     return out_B_H_S_D.transpose(1, 2)
 
 
+def saved_attention_ops():
+    """The attention ops whose outputs selective activation checkpointing keeps: recomputing attention in the
+    backward would cost as much as its forward (83% of the DiT's FLOPs at 84,480 tokens)."""
+    ops = {torch.ops.aten._scaled_dot_product_flash_attention.default,
+           torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+           torch.ops.aten._scaled_dot_product_efficient_attention.default}
+    if torch.cuda.is_available():
+        from kernels.attention import ATTENTION_OP
+
+        ops.add(ATTENTION_OP)
+    return ops
+
+
+def keep_attention_context():
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    ops = saved_attention_ops()
+
+    def policy(ctx, func, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if func in ops else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
 class Attention(nn.Module):
     """Self-attention (context_dim None, with RoPE) or cross-attention; per-head RMSNorm on q and k."""
 
@@ -319,6 +350,7 @@ class DiT(nn.Module):
         for name in DIT_BOOKKEEPING_KEYS:
             dtype = torch.float32 if name == "accum_train_in_hours" else torch.int64
             self.register_buffer(name, torch.zeros((), dtype=dtype))
+        self.activation_checkpointing = "none"  # "none" | "full" | "selective" (set by train.py)
         self.initialize_weights()
 
     @torch.no_grad()
@@ -385,7 +417,13 @@ class DiT(nn.Module):
         t_emb_B_T_D = self.t_embedding_norm(emb_B_T_D)  # [B,Tt,D] fp32
 
         for block in self.blocks:
-            x_B_T_HW_D = block(x_B_T_HW_D, t_emb_B_T_D, adaln_lora_B_T_3D, crossattn_emb, rope_cos_sin)
+            args = (x_B_T_HW_D, t_emb_B_T_D, adaln_lora_B_T_3D, crossattn_emb, rope_cos_sin)
+            if self.activation_checkpointing == "none" or not torch.is_grad_enabled():
+                x_B_T_HW_D = block(*args)
+            else:  # keep the block input (and, when selective, the attention outputs); recompute the rest
+                context_fn = keep_attention_context if self.activation_checkpointing == "selective" else None
+                x_B_T_HW_D = torch.utils.checkpoint.checkpoint(
+                    block, *args, use_reentrant=False, **({"context_fn": context_fn} if context_fn else {}))
 
         out = self.final_layer(x_B_T_HW_D, t_emb_B_T_D, adaln_lora_B_T_3D)  # [B,T',H'W',p*p*pt*C] fp32
         # unpatchify: the feature axis is ordered (p_h, p_w, p_t, C), channel fastest
@@ -488,3 +526,773 @@ def infer_dit_config(state_dict, source="state dict"):
             return cfg
     raise ValueError(f"{source}: shapes match no DiT preset ({', '.join(DIT_PRESETS)}); pass cfg explicitly")
 
+# ----------------------------------------------------------------------------------------------------------------
+# 2. WanVAE
+#
+# The Wan2.1 video VAE (the Cosmos-Predict2.5 "tokenizer"): causal 3D convolutions, 4x8x8 compression, 16 latent
+# channels. Written from spec/vae_text_encoder_inference.md section 1; state-dict keys equal the released
+# `tokenizer.pth` (= Wan2.1_VAE.pth) keys with no prefix.
+#
+# Time is causal everywhere: every 3D conv pads only in front, so latent frame t depends on pixel frames <= 4t. That
+# lets encode and decode run in temporal chunks, each conv carrying its last two input frames over to the next chunk
+# (the "feature cache"); the chunked result equals the one-shot result. Frame 0 is special: it is encoded alone and is
+# not downsampled in time, so T pixel frames (T = 1 + 4k) give 1 + k latent frames.
+# ----------------------------------------------------------------------------------------------------------------
+# Per-channel statistics of the raw latent (mu); encode returns (mu - mean) / std.
+WAN_LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                   0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+WAN_LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                  3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+
+
+@dataclass
+class WanVAEConfig:
+    dim: int = 96                                   # channels of the first stage
+    z_dim: int = 16                                 # latent channels
+    dim_mult: tuple = (1, 2, 4, 4)                  # stage widths in units of dim
+    num_res_blocks: int = 2                         # residual blocks per encoder stage (decoder: one more)
+    temperal_downsample: tuple = (False, True, True)  # (sic, Wan's spelling) which stage transitions halve time
+
+    def __post_init__(self):
+        self.dim_mult, self.temperal_downsample = tuple(self.dim_mult), tuple(self.temperal_downsample)
+        if len(self.temperal_downsample) != len(self.dim_mult) - 1:
+            raise ValueError(f"WanVAEConfig: temperal_downsample {self.temperal_downsample} needs one entry per stage "
+                             f"transition, i.e. {len(self.dim_mult) - 1} for dim_mult {self.dim_mult}")
+        if self.z_dim != len(WAN_LATENT_MEAN):
+            raise ValueError(f"WanVAEConfig: z_dim={self.z_dim}, but the latent normalisation constants have "
+                             f"{len(WAN_LATENT_MEAN)} channels")
+
+    @property
+    def temporal_factor(self):  # pixel frames per latent frame (after frame 0)
+        return 2 ** sum(self.temperal_downsample)
+
+    @property
+    def spatial_factor(self):
+        return 2 ** (len(self.dim_mult) - 1)
+
+
+# A feature cache maps each causal layer to what it carries into the next chunk: a CausalConv3d its last input
+# frames, a temporal Resample its last frame (down) or a "first frame done" flag (up). A fresh dict per call.
+VAEFeatureCache = dict
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d with all temporal padding (2 * p_t frames) in front. With a cache, the padding is the previous
+    chunk's last input frames instead of zeros, which makes chunked processing equal to one-shot processing."""
+
+    def __init__(self, in_dim, out_dim, kernel_size, stride=1, padding=0):
+        pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
+        super().__init__(in_dim, out_dim, kernel_size, stride=stride, padding=(0, ph, pw))  # cuDNN pads H, W
+        self.causal_pad = 2 * pt
+
+    def forward(self, x_B_C_T_H_W, cache: VAEFeatureCache | None = None, norm=None):
+        """conv(x), or conv(SiLU(norm(x))) when `norm` is given. The (normalised) frames are written once, straight
+        into the time-padded buffer: no separate normalised tensor and no concatenation copy."""
+        p = self.causal_pad
+        if p == 0:
+            return super().forward(x_B_C_T_H_W if norm is None else norm(x_B_C_T_H_W, silu=True))
+        B, C, T, H, W = x_B_C_T_H_W.shape
+        x_pad_B_C_pT_H_W = x_B_C_T_H_W.new_empty(B, C, p + T, H, W)
+        prev_B_C_p_H_W = cache.get(self) if cache is not None else None
+        if prev_B_C_p_H_W is None:
+            x_pad_B_C_pT_H_W[:, :, :p].zero_()  # first chunk: zeros before frame 0
+        else:
+            x_pad_B_C_pT_H_W[:, :, :p] = prev_B_C_p_H_W  # the previous chunk's last p input frames
+        if norm is None:
+            x_pad_B_C_pT_H_W[:, :, p:] = x_B_C_T_H_W
+        else:
+            norm(x_B_C_T_H_W, silu=True, out=x_pad_B_C_pT_H_W[:, :, p:])
+        if cache is not None:
+            cache[self] = x_pad_B_C_pT_H_W[:, :, -p:].clone()  # a copy, so the buffer can be freed
+        return super().forward(x_pad_B_C_pT_H_W)
+
+
+class VAERMSNorm(nn.Module):
+    """Wan's RMS_norm: L2-normalise over channels, times sqrt(C) and a learned per-channel gain (no bias, no eps
+    beyond F.normalize's 1e-12). gamma is [C,1,1,1], or [C,1,1] in the attention block (`images=True`)."""
+
+    def __init__(self, dim, images=False):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
+        self.scale = dim ** 0.5
+
+    def forward(self, x_B_C_T_H_W, silu=False, out=None):
+        norm_B_1_T_H_W = torch.linalg.vector_norm(x_B_C_T_H_W, dim=1, keepdim=True).clamp_min_(1e-12)
+        y = torch.div(x_B_C_T_H_W, norm_B_1_T_H_W, out=out).mul_(self.gamma.view(-1, 1, 1, 1) * self.scale)
+        return F.silu(y, inplace=True) if silu else y
+
+
+class VAEResidualBlock(nn.Module):
+    """norm, SiLU, conv3x3x3, norm, SiLU, conv3x3x3, plus a shortcut (1x1x1 conv when the width changes).
+    In Wan `residual` is a Sequential [norm, SiLU, conv, norm, SiLU, dropout(0), conv]; only indices 0, 2, 3 and 6
+    hold weights, so a ModuleDict with those names gives the checkpoint's keys."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.residual = nn.ModuleDict({
+            "0": VAERMSNorm(in_dim), "2": CausalConv3d(in_dim, out_dim, 3, padding=1),
+            "3": VAERMSNorm(out_dim), "6": CausalConv3d(out_dim, out_dim, 3, padding=1),
+        })
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else None
+
+    def forward(self, x_B_C_T_H_W, cache: VAEFeatureCache):
+        r = self.residual
+        h = r["2"](x_B_C_T_H_W, cache, norm=r["0"])  # [B,out,T,H,W]
+        h = r["6"](h, cache, norm=r["3"])
+        return h.add_(x_B_C_T_H_W if self.shortcut is None else self.shortcut(x_B_C_T_H_W))
+
+
+class VAEAttentionBlock(nn.Module):
+    """Single-head self-attention over the H*W positions of each frame separately (no mixing across time)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = VAERMSNorm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)  # 1x1 convs in the checkpoint, applied here as linear layers
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x_B_C_T_H_W):
+        B, C, T, H, W = x_B_C_T_H_W.shape
+        h_BT_L_C = self.norm(x_B_C_T_H_W).permute(0, 2, 3, 4, 1).reshape(B * T, H * W, C)  # tokens per frame
+        qkv_BT_L_3C = F.linear(h_BT_L_C, self.to_qkv.weight.view(3 * C, C), self.to_qkv.bias)
+        q, k, v = qkv_BT_L_3C.unsqueeze(1).chunk(3, dim=-1)  # each [BT,1,L,C]
+        o_BT_L_C = F.scaled_dot_product_attention(q, k, v).squeeze(1)
+        o_BT_L_C = F.linear(o_BT_L_C, self.proj.weight.view(C, C), self.proj.bias)
+        return x_B_C_T_H_W + o_BT_L_C.view(B, T, H, W, C).permute(0, 4, 1, 2, 3)
+
+
+class VAEResample(nn.Module):
+    """2x spatial down/upsampling (a 3x3 conv per frame), with 2x in time as well for the *3d modes.
+    downsample: pad right/bottom by one, stride-2 conv. upsample: nearest 2x, conv to dim // 2 channels.
+    The temporal part is causal and skips the first chunk, so frame 0 keeps its own latent frame:
+      downsample3d: a stride-2 (3,1,1) conv over [previous chunk's last frame, this chunk], T -> T/2;
+      upsample3d: a causal (3,1,1) conv to 2*dim channels, read as two consecutive frames, T -> 2T.
+    The per-frame conv is stored as Conv2d at index 1 of Wan's Sequential (index 0 was the parameter-free pad or
+    upsample), so it lives in a ModuleDict under "1" to keep the key `resample.1.weight`."""
+
+    def __init__(self, dim, mode):
+        super().__init__()
+        self.mode = mode
+        if mode in ("downsample2d", "downsample3d"):
+            self.resample = nn.ModuleDict({"1": nn.Conv2d(dim, dim, 3, stride=2)})
+        elif mode in ("upsample2d", "upsample3d"):
+            self.resample = nn.ModuleDict({"1": nn.Conv2d(dim, dim // 2, 3, padding=1)})
+        else:
+            raise ValueError(f"VAEResample: unknown mode {mode!r}")
+        if mode == "downsample3d":
+            self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+        elif mode == "upsample3d":
+            self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+
+    def spatial_conv(self, x_B_C_T_H_W):
+        # the per-frame 2D conv as a (1,3,3) 3D conv: no reshuffling of frames into the batch
+        conv = self.resample["1"]
+        return F.conv3d(x_B_C_T_H_W, conv.weight.unsqueeze(2), conv.bias,
+                        stride=(1, *conv.stride), padding=(0, *conv.padding))
+
+    def forward(self, x_B_C_T_H_W, cache: VAEFeatureCache):
+        if self.mode.startswith("down"):
+            x = self.spatial_conv(F.pad(x_B_C_T_H_W, (0, 1, 0, 1)))  # [B,C,T,H/2,W/2]
+            if self.mode == "downsample3d":
+                prev_B_C_1_h_w = cache.get(self)
+                cache[self] = x[:, :, -1:].clone()
+                if prev_B_C_1_h_w is not None:
+                    x = self.time_conv(torch.cat([prev_B_C_1_h_w, x], dim=2))  # [B,C,T/2,H/2,W/2]
+            return x
+        B, C, T, H, W = x_B_C_T_H_W.shape
+        x_B_C_T_n_H_W = x_B_C_T_H_W.unsqueeze(3)  # n = 1 output frame per input frame
+        if self.mode == "upsample3d":
+            if self in cache:  # later latent frames: the first C output channels give frame 2t, the next C 2t+1
+                x = self.time_conv(x_B_C_T_H_W, cache)  # [B,2C,T,H,W]
+                x_B_C_T_n_H_W = x.view(B, 2, C, T, H, W).permute(0, 2, 3, 1, 4, 5)  # n = 2
+            else:  # the first latent frame stays one frame; the time conv's history starts after it
+                cache[self] = True
+        # nearest 2x in H and W by broadcasting, fused with the frame interleave into a single copy
+        n = x_B_C_T_n_H_W.shape[3]
+        x = x_B_C_T_n_H_W[:, :, :, :, :, None, :, None].expand(B, C, T, n, H, 2, W, 2)
+        return self.spatial_conv(x.reshape(B, C, T * n, 2 * H, 2 * W))  # [B,C/2,nT,2H,2W]
+
+
+class VAEEncoder(nn.Module):
+    """pixels [B,3,T,H,W] -> [B,2*z_dim,t,H/8,W/8] (mu and log-variance), one chunk at a time."""
+
+    def __init__(self, cfg: WanVAEConfig):
+        super().__init__()
+        dims = [cfg.dim * m for m in (1, *cfg.dim_mult)]
+        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
+        layers = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(cfg.num_res_blocks):
+                layers.append(VAEResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if i < len(cfg.dim_mult) - 1:
+                layers.append(VAEResample(out_dim, "downsample3d" if cfg.temperal_downsample[i] else "downsample2d"))
+        self.downsamples = nn.ModuleList(layers)
+        self.middle = nn.ModuleList([VAEResidualBlock(dims[-1], dims[-1]), VAEAttentionBlock(dims[-1]),
+                                     VAEResidualBlock(dims[-1], dims[-1])])
+        self.head = nn.ModuleDict({"0": VAERMSNorm(dims[-1]),  # Wan's Sequential [norm, SiLU, conv]
+                                   "2": CausalConv3d(dims[-1], 2 * cfg.z_dim, 3, padding=1)})
+
+    def forward(self, x_B_3_T_H_W, cache: VAEFeatureCache):
+        x = self.conv1(x_B_3_T_H_W, cache)
+        for layer in self.downsamples:
+            x = layer(x, cache)
+        x = self.middle[0](x, cache)
+        x = self.middle[1](x)
+        x = self.middle[2](x, cache)
+        return self.head["2"](x, cache, norm=self.head["0"])
+
+
+class VAEDecoder(nn.Module):
+    """latent [B,z_dim,t,h,w] -> pixels [B,3,T,8h,8w]; called with one latent frame at a time."""
+
+    def __init__(self, cfg: WanVAEConfig):
+        super().__init__()
+        dims = [cfg.dim * m for m in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]
+        temperal_upsample = cfg.temperal_downsample[::-1]
+        self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
+        self.middle = nn.ModuleList([VAEResidualBlock(dims[0], dims[0]), VAEAttentionBlock(dims[0]),
+                                     VAEResidualBlock(dims[0], dims[0])])
+        layers = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0:
+                in_dim //= 2  # the previous stage's upsample conv halved the width
+            for _ in range(cfg.num_res_blocks + 1):
+                layers.append(VAEResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if i < len(cfg.dim_mult) - 1:
+                layers.append(VAEResample(out_dim, "upsample3d" if temperal_upsample[i] else "upsample2d"))
+        self.upsamples = nn.ModuleList(layers)
+        self.head = nn.ModuleDict({"0": VAERMSNorm(dims[-1]), "2": CausalConv3d(dims[-1], 3, 3, padding=1)})
+
+    def forward(self, z_B_C_t_h_w, cache: VAEFeatureCache):
+        x = self.conv1(z_B_C_t_h_w, cache)
+        x = self.middle[0](x, cache)
+        x = self.middle[1](x)
+        x = self.middle[2](x, cache)
+        for layer in self.upsamples:
+            x = layer(x, cache)
+        return self.head["2"](x, cache, norm=self.head["0"])
+
+
+def _vae_tile_starts(n, size):
+    """Starts of tiles of `size` covering 0..n, a quarter tile of overlap or more, the last one ending at n."""
+    stride = size - size // 4
+    return [*range(0, n - size, stride), n - size]
+
+
+def _vae_blend_ramp(start, size, n, sf, device):
+    """Pixel weights of a tile along one axis: ramps up from a neighbour on each side over the nominal overlap."""
+    d = torch.arange(sf * size, device=device) + 0.5
+    ramp = sf * (size // 4)
+    w = torch.ones(sf * size, device=device)
+    if start > 0:
+        w = torch.minimum(w, d / ramp)
+    if start + size < n:
+        w = torch.minimum(w, d.flip(0) / ramp)
+    return w
+
+
+class WanVAE(nn.Module):
+    """Encode [-1,1] videos to normalised latents and back. Computes in the dtype of its weights (bf16 in Cosmos);
+    frozen here, so encode/decode run without autograd."""
+
+    def __init__(self, cfg: WanVAEConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or WanVAEConfig()
+        self.encoder = VAEEncoder(cfg)
+        self.conv1 = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)  # -> (mu, log-variance)
+        self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)  # latent -> decoder input
+        self.decoder = VAEDecoder(cfg)
+
+    def latent_stats(self, dtype, device):
+        # Like Cosmos: mean and std held in the compute dtype, and 1/std taken in that dtype.
+        mean = torch.tensor(WAN_LATENT_MEAN, dtype=dtype, device=device).view(1, -1, 1, 1, 1)
+        inv_std = 1.0 / torch.tensor(WAN_LATENT_STD, dtype=dtype, device=device).view(1, -1, 1, 1, 1)
+        return mean, inv_std
+
+    @torch.no_grad()
+    def encode(self, video_B_3_T_H_W, temporal_window=16):
+        """video [B,3,T,H,W] in [-1,1], T = 1 + 4k -> normalised latents [B,16,1+k,H/8,W/8] in the weights' dtype.
+        Frame 0 is encoded alone, then windows of `temporal_window` frames (a multiple of 4; Cosmos uses 16) and a
+        shorter last window; memory depends on the window, not on T."""
+        cfg, (B, C, T, H, W) = self.cfg, video_B_3_T_H_W.shape
+        tf, sf = cfg.temporal_factor, cfg.spatial_factor
+        if C != 3 or (T - 1) % tf or H % sf or W % sf:
+            raise ValueError(f"WanVAE.encode: expected a video [B,3,1+{tf}k,H,W] with H, W multiples of {sf}, "
+                             f"got shape {list(video_B_3_T_H_W.shape)}")
+        if temporal_window <= 0 or temporal_window % tf:
+            raise ValueError(f"WanVAE.encode: temporal_window must be a positive multiple of {tf}, "
+                             f"got {temporal_window}")
+        weight = self.conv1.weight
+        mu_B_z_t_h_w = torch.empty(B, cfg.z_dim, 1 + (T - 1) // tf, H // sf, W // sf,
+                                   dtype=weight.dtype, device=weight.device)
+        cache = {}
+        starts = [0, *range(1, T, temporal_window)]
+        ends = [*starts[1:], T]
+        for start, end in zip(starts, ends):
+            h = self.encoder(video_B_3_T_H_W[:, :, start:end].to(weight.dtype), cache)  # [B,2z,n,h,w]
+            t0 = 0 if start == 0 else 1 + (start - 1) // tf
+            # log-variance is never used (deterministic encode), so only the mu half of conv1 runs
+            mu_B_z_t_h_w[:, :, t0:t0 + h.shape[2]] = F.conv3d(h, weight[:cfg.z_dim], self.conv1.bias[:cfg.z_dim])
+        mean, inv_std = self.latent_stats(weight.dtype, weight.device)
+        return mu_B_z_t_h_w.sub_(mean).mul_(inv_std)
+
+    @torch.no_grad()
+    def decode(self, latents_B_16_t_h_w, tile_hw=None):
+        """normalised latents [B,16,t,h,w] -> video [B,3,1+4(t-1),8h,8w], about [-1,1] (not clamped, like Cosmos),
+        in the weights' dtype. One latent frame at a time: frame 0 gives 1 pixel frame, every later one 4.
+        tile_hw=(th, tw): decode overlapping tiles of at most th x tw latent pixels instead (see decode_tiled)."""
+        cfg, (B, C, t, h, w) = self.cfg, latents_B_16_t_h_w.shape
+        if C != cfg.z_dim or t < 1:
+            raise ValueError(f"WanVAE.decode: expected latents [B,{cfg.z_dim},t,h,w], "
+                             f"got {list(latents_B_16_t_h_w.shape)}")
+        weight = self.conv2.weight
+        mean, inv_std = self.latent_stats(weight.dtype, weight.device)
+        z = self.conv2(latents_B_16_t_h_w.to(weight.dtype) / inv_std + mean)  # raw latent -> decoder input
+        return self.decode_frames(z) if tile_hw is None else self.decode_tiled(z, tile_hw)
+
+    def decode_frames(self, z_B_C_t_h_w):
+        """decoder input [B,16,t,h,w] -> video, one latent frame at a time with the feature cache."""
+        (B, _, t, h, w), tf, sf = z_B_C_t_h_w.shape, self.cfg.temporal_factor, self.cfg.spatial_factor
+        video_B_3_T_H_W = z_B_C_t_h_w.new_empty(B, 3, 1 + tf * (t - 1), sf * h, sf * w)
+        cache = {}
+        for i in range(t):
+            frames = self.decoder(z_B_C_t_h_w[:, :, i:i + 1], cache)  # [B,3,1 or 4,H,W]
+            t0 = 0 if i == 0 else 1 + tf * (i - 1)
+            video_B_3_T_H_W[:, :, t0:t0 + frames.shape[2]] = frames
+        return video_B_3_T_H_W
+
+    def decode_tiled(self, z_B_C_t_h_w, tile_hw):
+        """Bounded memory for large frames: decode overlapping spatial tiles (neighbours overlap by a quarter tile)
+        and blend them with linear ramps across the overlaps. Each tile's attention sees only that tile, so the
+        result is close to the untiled decode, not equal to it."""
+        (B, _, t, h, w), sf = z_B_C_t_h_w.shape, self.cfg.spatial_factor
+        if min(tile_hw) < 4:
+            raise ValueError(f"WanVAE.decode: tile_hw must be at least 4 x 4 latent pixels, got {tile_hw}")
+        th, tw = min(tile_hw[0], h), min(tile_hw[1], w)
+        out = torch.zeros(B, 3, 1 + self.cfg.temporal_factor * (t - 1), sf * h, sf * w,
+                          dtype=torch.float32, device=z_B_C_t_h_w.device)
+        weight_sum_H_W = torch.zeros(sf * h, sf * w, device=z_B_C_t_h_w.device)
+        for y in _vae_tile_starts(h, th):
+            for x in _vae_tile_starts(w, tw):
+                weight_H_W = (_vae_blend_ramp(y, th, h, sf, z_B_C_t_h_w.device)[:, None] *
+                              _vae_blend_ramp(x, tw, w, sf, z_B_C_t_h_w.device)[None, :])
+                tile = self.decode_frames(z_B_C_t_h_w[:, :, :, y:y + th, x:x + tw])  # [B,3,T,sf*th,sf*tw]
+                out[..., sf * y:sf * (y + th), sf * x:sf * (x + tw)] += tile.float() * weight_H_W
+                weight_sum_H_W[sf * y:sf * (y + th), sf * x:sf * (x + tw)] += weight_H_W
+        return (out / weight_sum_H_W).to(z_B_C_t_h_w.dtype)
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.bfloat16, cfg: WanVAEConfig | None = None):
+        """Strictly load `tokenizer.pth` (= Wan2.1_VAE.pth): a flat state dict, keys without prefix."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Wan VAE checkpoint {path} does not exist")
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise ValueError(f"Wan VAE checkpoint {path} is not a PyTorch checkpoint that "
+                             f"torch.load(weights_only=True, mmap=True) can read: {type(e).__name__}: {e}") from e
+        if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+            raise ValueError(f"Wan VAE checkpoint {path}: expected a flat dict of tensors, "
+                             f"got {type(state_dict).__name__}")
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        missing = sorted(expected.keys() - state_dict.keys())
+        unexpected = sorted(state_dict.keys() - expected.keys())
+        mis_shaped = [f"{k}: file {tuple(state_dict[k].shape)}, expected {expected[k]}"
+                      for k in sorted(expected.keys() & state_dict.keys()) if tuple(state_dict[k].shape) != expected[k]]
+        if missing or unexpected or mis_shaped:
+            raise ValueError(f"Wan VAE checkpoint {path} does not match the Wan2.1 VAE ({len(expected)} tensors):\n"
+                             f"  missing keys ({len(missing)}): {missing}\n"
+                             f"  unexpected keys ({len(unexpected)}): {unexpected}\n"
+                             f"  mis-shaped ({len(mis_shaped)}): {mis_shaped}")
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        return model.to(device=device, dtype=dtype).eval()
+
+
+# Key maps between the official layout (tokenizer.pth, ours) and diffusers' AutoencoderKLWan. The encoder's flat
+# `downsamples` list has the same indices as diffusers' `down_blocks`; the decoder's flat `upsamples` list is
+# split into stages there: each stage has num_res_blocks + 1 res-blocks, then (except the last) one upsampler.
+_VAE_RES_BLOCK_NAMES = (("residual.0.", "norm1."), ("residual.2.", "conv1."), ("residual.3.", "norm2."),
+                        ("residual.6.", "conv2."), ("shortcut.", "conv_shortcut."))
+_VAE_RESAMPLE_NAMES = (("resample.1.", "resample.1."), ("time_conv.", "time_conv."))
+_VAE_FIXED_NAMES = (("conv1.", "conv_in."), ("head.0.", "norm_out."), ("head.2.", "conv_out."),
+                    ("middle.1.", "mid_block.attentions.0."))
+
+
+def _vae_rename(name, pairs, key, reverse=False):
+    for official, diffusers in pairs:
+        src, dst = (diffusers, official) if reverse else (official, diffusers)
+        if name.startswith(src):
+            return dst + name[len(src):]
+    raise KeyError(f"not a Wan VAE {'diffusers' if reverse else 'official'} key: {key}")
+
+
+def _vae_official_key_to_diffusers(key, num_res_blocks):
+    if key.startswith(("conv1.", "conv2.")):
+        return {"conv1": "quant_conv", "conv2": "post_quant_conv"}[key[:5]] + key[5:]
+    side, _, rest = key.partition(".")
+    if side not in ("encoder", "decoder"):
+        raise KeyError(f"not a Wan VAE official key: {key}")
+    if m := re.fullmatch(r"downsamples\.(\d+)\.(.*)", rest):
+        rest = f"down_blocks.{m[1]}." + _vae_rename(m[2], _VAE_RES_BLOCK_NAMES + _VAE_RESAMPLE_NAMES, key)
+    elif m := re.fullmatch(r"upsamples\.(\d+)\.(.*)", rest):
+        stage, j = divmod(int(m[1]), num_res_blocks + 2)
+        rest = (f"up_blocks.{stage}.upsamplers.0." + _vae_rename(m[2], _VAE_RESAMPLE_NAMES, key)
+                if j == num_res_blocks + 1 else
+                f"up_blocks.{stage}.resnets.{j}." + _vae_rename(m[2], _VAE_RES_BLOCK_NAMES, key))
+    elif m := re.fullmatch(r"middle\.([02])\.(.*)", rest):
+        rest = f"mid_block.resnets.{int(m[1]) // 2}." + _vae_rename(m[2], _VAE_RES_BLOCK_NAMES, key)
+    else:
+        rest = _vae_rename(rest, _VAE_FIXED_NAMES, key)
+    return f"{side}.{rest}"
+
+
+def _vae_diffusers_key_to_official(key, num_res_blocks):
+    if key.startswith(("quant_conv.", "post_quant_conv.")):
+        return ("conv1" if key.startswith("quant_conv.") else "conv2") + key[key.index("."):]
+    side, _, rest = key.partition(".")
+    if side not in ("encoder", "decoder"):
+        raise KeyError(f"not a Wan VAE diffusers key: {key}")
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(.*)", rest):
+        rest = f"downsamples.{m[1]}." + _vae_rename(m[2], _VAE_RES_BLOCK_NAMES + _VAE_RESAMPLE_NAMES, key, True)
+    elif m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.(.*)", rest):
+        index = int(m[1]) * (num_res_blocks + 2) + num_res_blocks + 1
+        rest = f"upsamples.{index}." + _vae_rename(m[2], _VAE_RESAMPLE_NAMES, key, True)
+    elif m := re.fullmatch(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", rest):
+        index = int(m[1]) * (num_res_blocks + 2) + int(m[2])
+        rest = f"upsamples.{index}." + _vae_rename(m[3], _VAE_RES_BLOCK_NAMES, key, True)
+    elif m := re.fullmatch(r"mid_block\.resnets\.([01])\.(.*)", rest):
+        rest = f"middle.{2 * int(m[1])}." + _vae_rename(m[2], _VAE_RES_BLOCK_NAMES, key, True)
+    else:
+        rest = _vae_rename(rest, _VAE_FIXED_NAMES, key, True)
+    return f"{side}.{rest}"
+
+
+def wan_vae_official_to_diffusers(state_dict, cfg: WanVAEConfig | None = None):
+    """tokenizer.pth / WanVAE state dict -> diffusers AutoencoderKLWan state dict (same tensors, renamed)."""
+    num_res_blocks = (cfg or WanVAEConfig()).num_res_blocks
+    return {_vae_official_key_to_diffusers(k, num_res_blocks): v for k, v in state_dict.items()}
+
+
+def wan_vae_diffusers_to_official(state_dict, cfg: WanVAEConfig | None = None):
+    """diffusers AutoencoderKLWan state dict -> tokenizer.pth / WanVAE state dict (same tensors, renamed)."""
+    num_res_blocks = (cfg or WanVAEConfig()).num_res_blocks
+    return {_vae_diffusers_key_to_official(k, num_res_blocks): v for k, v in state_dict.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. TextEncoder
+#
+# Text encoder: the language model of Cosmos-Reason1-7B (a Qwen2.5-VL-7B fine-tune), text path only.
+#
+# A caption becomes a chat (fixed system prompt, caption as the user turn), 512 token ids (right-padded with the
+# tokenizer's pad id, or truncated with a warning), and a pass through the 28 decoder layers without attention mask.
+# The output of every layer (the last one after the final RMSNorm) is standardised per token and the 28 results are
+# concatenated: [B, 512, 28 * 3584 = 100352], the DiT's cross-attention input before its `crossattn_proj`.
+#
+# Memory: the 7B language model has 7.07 B parameters (no vision tower, no LM head), 13.2 GiB of weights in bf16;
+# with activations and the [B,512,100352] output (103 MB per caption) a GPU needs about 15 GiB at batch 8.
+# `prep_data.py cache` runs it once per unique caption (and once for the negative prompt) and stores the embeddings,
+# so training never holds the encoder. Loading streams the safetensors shards one tensor at a time into the
+# (uninitialised) model, so host RAM holds at most one tensor beyond the model itself.
+# ----------------------------------------------------------------------------------------------------------------
+SYSTEM_PROMPT = "You are a helpful assistant who will provide prompts to an image generator."
+QWEN2_MODEL_TYPES = ("qwen2", "qwen2_vl", "qwen2_5_vl", "qwen2_vl_text", "qwen2_5_vl_text")
+# Where Hugging Face checkpoints keep the language model: the original Qwen release, transformers 4.4x saves and
+# 5.x default saves use `model.` (vision tower `visual.`); 4.52-4.57 saves (transformers#38489) and 5.x with
+# save_original_format=False use `model.language_model.`; LLaVA-style exports use `language_model.model.` or
+# `language_model.`; a bare text model has no prefix.
+QWEN_LM_PREFIXES = ("model.language_model.", "language_model.model.", "model.", "language_model.", "")
+QWEN_LM_SUBMODULES = ("embed_tokens.", "layers.", "norm.")
+
+
+@dataclass
+class TextEncoderConfig:
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_layers: int = 28
+    num_heads: int = 28
+    num_kv_heads: int = 4
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+
+    @classmethod
+    def from_hf_config(cls, path: Path) -> "TextEncoderConfig":
+        """Reads a Hugging Face config.json of the Qwen2 family (flat, or with the language model in text_config)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"text encoder config not found: {path}")
+        raw = json.loads(path.read_text())
+        text = raw.get("text_config")
+        model_types = {"model_type": raw.get("model_type")}
+        if text is not None and "model_type" in text:
+            model_types["text_config.model_type"] = text["model_type"]
+        for where, model_type in model_types.items():
+            if model_type not in QWEN2_MODEL_TYPES:
+                raise ValueError(f"{path}: {where} is {model_type!r}, not a Qwen2-family decoder {QWEN2_MODEL_TYPES}")
+        sections = [s for s in (text, raw) if s is not None]  # text_config wins, as in transformers 5.x
+
+        def field(*names, default=None):
+            for section in sections:
+                for name in names:
+                    if section.get(name) is not None:
+                        return section[name]
+            if default is None:
+                raise KeyError(f"{path}: field {names[0]!r} missing (looked in text_config and at the top level)")
+            return default
+
+        rope = field("rope_parameters", "rope_scaling", default={})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "mrope"):  # text-only M-RoPE is plain 1D RoPE; scaled variants are not
+            raise ValueError(f"{path}: rope type {rope_type!r} not supported, expected 'default' or 'mrope'")
+        if field("hidden_act") != "silu":
+            raise ValueError(f"{path}: hidden_act {field('hidden_act')!r} not supported, expected 'silu'")
+        if field("use_sliding_window", default=False):
+            raise ValueError(f"{path}: use_sliding_window=true is not supported")
+        return cls(
+            vocab_size=field("vocab_size"),
+            hidden_size=field("hidden_size"),
+            intermediate_size=field("intermediate_size"),
+            num_layers=field("num_hidden_layers"),
+            num_heads=field("num_attention_heads"),
+            num_kv_heads=field("num_key_value_heads"),
+            rms_norm_eps=field("rms_norm_eps"),
+            rope_theta=rope.get("rope_theta") or field("rope_theta"),
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenisation: the Qwen2.5-VL chat template for one system and one user text turn, no generation prompt
+
+
+def qwen_chat_text(caption: str) -> str:
+    return f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{caption}<|im_end|>\n"
+
+
+class TextTokenizer:
+    def __init__(self, tokenizer: Tokenizer, pad_id: int, max_length: int = 512):
+        self.tokenizer, self.pad_id, self.max_length = tokenizer, pad_id, max_length
+
+    @classmethod
+    def from_folder(cls, folder: Path, max_length: int = 512) -> "TextTokenizer":
+        """tokenizer.json for the vocabulary; tokenizer_config.json for the pad token (the reference's pad_token_id)."""
+        folder = Path(folder)
+        tok_path, cfg_path = folder / "tokenizer.json", folder / "tokenizer_config.json"
+        for p in (tok_path, cfg_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"tokenizer file not found: {p}")
+        tokenizer = Tokenizer.from_file(str(tok_path))
+        for special in ("<|im_start|>", "<|im_end|>"):
+            if tokenizer.token_to_id(special) is None:
+                raise ValueError(f"{tok_path}: special token {special} missing, not a Qwen2 tokenizer")
+        pad = json.loads(cfg_path.read_text()).get("pad_token")
+        pad = pad["content"] if isinstance(pad, dict) else pad
+        if pad is None or tokenizer.token_to_id(pad) is None:
+            raise ValueError(f"{cfg_path}: pad_token {pad!r} missing or not in the vocabulary of {tok_path}")
+        return cls(tokenizer, tokenizer.token_to_id(pad), max_length)
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        """Chat-templated ids, right-padded with pad_id or truncated to max_length: [B, max_length] int64."""
+        ids_B_L = torch.full((len(captions), self.max_length), self.pad_id, dtype=torch.long)
+        for i, enc in enumerate(self.tokenizer.encode_batch([qwen_chat_text(c) for c in captions])):
+            if len(enc.ids) > self.max_length:
+                warnings.warn(f"caption {i} truncated from {len(enc.ids)} to {self.max_length} tokens: "
+                              f"{captions[i][:100]!r}{'...' if len(captions[i]) > 100 else ''}")
+            ids = enc.ids[: self.max_length]
+            ids_B_L[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return ids_B_L
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Qwen2.5 decoder
+
+
+class QwenRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # normalise in fp32, scale in the input dtype (as Qwen2 does)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def qwen_rope(seq_len: int, head_dim: int, theta: float, device, dtype):
+    """cos, sin [L, head_dim] for positions 0..L-1 (angles in fp32, then cast like Qwen2).
+    Text-only M-RoPE gives all three sections the same position, so it equals this 1D RoPE."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles_L_half = torch.arange(seq_len, device=device, dtype=torch.float32)[:, None] * inv_freq[None]
+    angles_L_D = torch.cat([angles_L_half, angles_L_half], dim=-1)
+    return angles_L_D.cos().to(dtype), angles_L_D.sin().to(dtype)
+
+
+def apply_qwen_rope(x_B_H_L_D, cos_L_D, sin_L_D):
+    x1, x2 = x_B_H_L_D.chunk(2, dim=-1)  # rotate-half pairs dims i and i + D/2
+    return x_B_H_L_D * cos_L_D + torch.cat([-x2, x1], dim=-1) * sin_L_D
+
+
+class QwenAttention(nn.Module):
+    """Causal grouped-query attention; q/k/v projections carry biases, the output projection does not."""
+
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(cfg.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x_B_L_D, cos_L_Dh, sin_L_Dh):
+        B, L, _ = x_B_L_D.shape
+        q_B_H_L_Dh = self.q_proj(x_B_L_D).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+        k_B_K_L_Dh = self.k_proj(x_B_L_D).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v_B_K_L_Dh = self.v_proj(x_B_L_D).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q_B_H_L_Dh = apply_qwen_rope(q_B_H_L_Dh, cos_L_Dh, sin_L_Dh)
+        k_B_K_L_Dh = apply_qwen_rope(k_B_K_L_Dh, cos_L_Dh, sin_L_Dh)
+        o_B_H_L_Dh = F.scaled_dot_product_attention(q_B_H_L_Dh, k_B_K_L_Dh, v_B_K_L_Dh, is_causal=True, enable_gqa=True)
+        return self.o_proj(o_B_H_L_Dh.transpose(1, 2).reshape(B, L, -1))
+
+
+class QwenMLP(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x_B_L_D):
+        return self.down_proj(F.silu(self.gate_proj(x_B_L_D)) * self.up_proj(x_B_L_D))  # SwiGLU
+
+
+class QwenDecoderLayer(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.input_layernorm = QwenRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = QwenAttention(cfg)
+        self.post_attention_layernorm = QwenRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = QwenMLP(cfg)
+
+    def forward(self, x_B_L_D, cos_L_Dh, sin_L_Dh):
+        x_B_L_D = x_B_L_D + self.self_attn(self.input_layernorm(x_B_L_D), cos_L_Dh, sin_L_Dh)
+        return x_B_L_D + self.mlp(self.post_attention_layernorm(x_B_L_D))
+
+
+def qwen_standardize(h_B_L_D):
+    """Per token (h - mean) / (std + 1e-8), unbiased std, in the hidden states' dtype (as the reference)."""
+    return (h_B_L_D - h_B_L_D.mean(dim=-1, keepdim=True)) / (h_B_L_D.std(dim=-1, keepdim=True) + 1e-8)
+
+
+class TextEncoder(nn.Module):
+    """Parameter names equal the Hugging Face Qwen2 language-model names without their prefix."""
+
+    def __init__(self, cfg: TextEncoderConfig, tokenizer: TextTokenizer | None = None):
+        super().__init__()
+        if cfg.hidden_size % cfg.num_heads or cfg.num_heads % cfg.num_kv_heads:
+            raise ValueError(f"hidden {cfg.hidden_size}, heads {cfg.num_heads}, kv heads {cfg.num_kv_heads} "
+                             "must divide: hidden by heads and heads by kv heads")
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(QwenDecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = QwenRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def hidden_states(self, input_ids_B_L) -> list[torch.Tensor]:
+        """The N layer outputs [B, L, D], the last one after the final norm (HF hidden_states[1:])."""
+        x_B_L_D = self.embed_tokens(input_ids_B_L)
+        cos_L_Dh, sin_L_Dh = qwen_rope(input_ids_B_L.shape[1], self.cfg.hidden_size // self.cfg.num_heads,
+                                       self.cfg.rope_theta, x_B_L_D.device, x_B_L_D.dtype)
+        out = []
+        for layer in self.layers:
+            x_B_L_D = layer(x_B_L_D, cos_L_Dh, sin_L_Dh)
+            out.append(x_B_L_D)
+        out[-1] = self.norm(x_B_L_D)
+        return out
+
+    def forward(self, input_ids_B_L):
+        """[B, L] token ids -> [B, L, N * D] standardised layer outputs, concatenated in layer order."""
+        return torch.cat([qwen_standardize(h) for h in self.hidden_states(input_ids_B_L)], dim=-1)
+
+    @torch.inference_mode()
+    def encode(self, captions: list[str]) -> torch.Tensor:
+        """Captions -> [B, max_length, N * D] embeddings on the encoder's device and dtype."""
+        if not captions or not all(isinstance(c, str) for c in captions):
+            raise ValueError(f"encode expects a non-empty list of strings, got {captions!r:.200}")
+        if self.tokenizer is None:
+            raise RuntimeError("TextEncoder has no tokenizer: build it with TextEncoder.from_pretrained(folder)")
+        return self(self.tokenizer(captions).to(self.embed_tokens.weight.device))
+
+    @classmethod
+    def from_pretrained(cls, folder, device="cuda", dtype=torch.bfloat16, max_length: int = 512) -> "TextEncoder":
+        """A Hugging Face Qwen2.5-VL / Qwen2 folder: config.json, *.safetensors (+ index), tokenizer files."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"text encoder folder not found: {folder}")
+        cfg = TextEncoderConfig.from_hf_config(folder / "config.json")
+        tokenizer = TextTokenizer.from_folder(folder, max_length)
+        if tokenizer.tokenizer.get_vocab_size() > cfg.vocab_size:
+            raise ValueError(f"{folder}: tokenizer has {tokenizer.tokenizer.get_vocab_size()} tokens, "
+                             f"more than the embedding's vocab_size {cfg.vocab_size}")
+        with torch.device("meta"):
+            model = cls(cfg, tokenizer)
+        model = model.to(dtype).to_empty(device=device)  # uninitialised: every tensor is filled by the load below
+        load_qwen_weights(model, folder)
+        return model.eval().requires_grad_(False)
+
+
+def load_qwen_weights(model: TextEncoder, folder: Path):
+    """Strictly fills model from the folder's safetensors, one tensor at a time, ignoring all but the LM."""
+    index_path, single_path = folder / "model.safetensors.index.json", folder / "model.safetensors"
+    if index_path.is_file() and single_path.is_file():
+        raise ValueError(f"{folder}: both {index_path.name} and {single_path.name} exist, remove one")
+    if index_path.is_file():
+        key_to_file = json.loads(index_path.read_text())["weight_map"]
+        source = index_path
+    elif single_path.is_file():
+        with safe_open(single_path, framework="pt") as f:
+            key_to_file = {k: single_path.name for k in f.keys()}
+        source = single_path
+    else:
+        raise FileNotFoundError(f"{folder}: no model.safetensors.index.json or model.safetensors")
+
+    prefixes = [p for p in QWEN_LM_PREFIXES if p + "embed_tokens.weight" in key_to_file]
+    if len(prefixes) != 1:
+        raise KeyError(f"{source}: expected exactly one language-model embedding among "
+                       f"{[p + 'embed_tokens.weight' for p in QWEN_LM_PREFIXES]}, found {prefixes}")
+    prefix = prefixes[0]
+    params = model.state_dict()
+    expected = {prefix + name for name in params}
+    found = {k for k in key_to_file if k.startswith(tuple(prefix + s for s in QWEN_LM_SUBMODULES))}
+    if expected - found:
+        raise KeyError(f"{source}: {len(expected - found)} language-model tensors missing, "
+                       f"e.g. {sorted(expected - found)[:5]}")
+    if found - expected:
+        raise KeyError(f"{source}: unexpected language-model tensors for a {model.cfg.num_layers}-layer config, "
+                       f"e.g. {sorted(found - expected)[:5]}")
+
+    by_file: dict[str, list[str]] = {}
+    for key in sorted(expected):
+        by_file.setdefault(key_to_file[key], []).append(key)
+    for name in by_file:
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"shard {folder / name} listed in {source} does not exist")
+    for name, keys in by_file.items():
+        with safe_open(folder / name, framework="pt") as f:
+            present = set(f.keys())
+            for key in keys:
+                if key not in present:
+                    raise KeyError(f"tensor {key} not in shard {folder / name} (where {source.name} puts it)")
+                param = params[key[len(prefix):]]
+                tensor = f.get_tensor(key)
+                if tensor.shape != param.shape:
+                    raise ValueError(f"tensor {key} in {folder / name} has shape {list(tensor.shape)}, "
+                                     f"expected {list(param.shape)}")
+                with torch.no_grad():
+                    param.copy_(tensor)

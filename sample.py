@@ -1,0 +1,680 @@
+"""Sample videos from a Cosmos-Predict2.5 DiT: Text2World, Image2World and Video2World.
+
+    python sample.py --ckpt model_ema_bf16.pt --vae tokenizer.pth --text_encoder Cosmos-Reason1-7B
+                     --prompt "A video of sks teal robot." [--image in.png | --video in.mp4] -o out.mp4
+    python sample.py -i prompts.json -o outputs/ --ckpt ...                  # a batch, the reference's JSON format
+    torchrun --nproc_per_node=8 sample.py -i prompts.json -o outputs/ ...    # the samples spread over the GPUs
+
+What happens, in the reference's way (spec/vae_text_encoder_inference.md §3):
+1. the prompts and the negative prompt go through the text encoder, which is then freed;
+2. an input image (Image2World) or the last 5 frames of an input video (Video2World) are resized, center-cropped
+   and VAE-encoded into 1 or 2 clean latent frames, which stay fixed while the rest is generated;
+3. starting from seeded Gaussian noise, the rectified-flow ODE is integrated from sigma ~1 to 0 with flow UniPC
+   (35 steps, shift 5), the DiT giving the velocity v = eps - x0 with classifier-free guidance;
+4. the VAE decodes the latents and the video is written as an H.264 mp4 at 16 fps.
+"""
+
+import argparse
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+# The reference's default negative prompt (cosmos_predict2/config.py), used by the unconditional CFG branch.
+DEFAULT_NEGATIVE_PROMPT = (
+    "The video captures a series of frames showing ugly scenes, static with no motion, motion blur, "
+    "over-saturation, shaky footage, low resolution, grainy texture, pixelated images, poorly lit areas, "
+    "underexposed and overexposed scenes, poor color balance, washed out colors, choppy sequences, jerky movements, "
+    "low frame rate, artifacting, color banding, unnatural transitions, outdated special effects, fake elements, "
+    "unconvincing visuals, poorly edited content, jump cuts, visual noise, and flickering. Overall, the video is of "
+    "poor quality."
+)
+DEFAULT_RESOLUTION = (704, 1280)  # H, W of the 720p models
+DEFAULT_NUM_FRAMES = 93  # pixel frames = 24 latent frames
+NUM_TRAIN_TIMESTEPS = 1000
+VAE_TIME_FACTOR, VAE_SPACE_FACTOR, LATENT_CHANNELS = 4, 8, 16
+# conditioning latent frames per mode; each latent frame beyond the first covers 4 pixel frames
+INFERENCE_TYPES = {"text2world": 0, "image2world": 1, "video2world": 2}
+MODE_NAMES = {n: name for name, n in INFERENCE_TYPES.items()}
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. The noise schedule
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def flow_schedule(steps=35, shift=5.0):
+    """The reference's inference schedule (FlowUniPCMultistepScheduler.set_timesteps).
+
+    Returns `sigmas` [steps+1] float32, the solver's noise levels from ~1 down to exactly 0, and `net_sigmas`
+    [steps] float32, the noise level the network is told at each step. The latter is the truncated integer timestep
+    int(1000 * sigma) times the network's timestep scale 0.001, as in the reference (diffusers passes sigma itself).
+    """
+    # The 1,000-step training grid sigma = 1 - linspace(1, 1/1000, 1000), held in float32, spans [0, 0.999];
+    # inference spaces its steps evenly over that span, then shifts them towards the noisy end.
+    sigma_max, sigma_min = float(np.float32(1 - 1 / NUM_TRAIN_TIMESTEPS)), 0.0
+    sig = np.linspace(sigma_max, sigma_min, steps + 1)[:-1]  # float64, like the reference
+    sig = shift * sig / (1 + (shift - 1) * sig)
+    timesteps = torch.from_numpy((sig * NUM_TRAIN_TIMESTEPS).astype(np.int64))
+    sigmas = torch.from_numpy(np.append(sig, 0.0).astype(np.float32))
+    return sigmas, timesteps * 0.001  # int64 * python float -> float32, as the reference network computes it
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Samplers: integrate dx/dsigma = v(x, sigma) from sigmas[0] to sigmas[-1] = 0
+# ----------------------------------------------------------------------------------------------------------------
+# velocity_fn(x_t, sigma_for_net) -> v, with x_t = (1 - sigma) x0 + sigma eps and v = eps - x0, so the network's
+# estimate of the clean sample (its "data prediction") is x0 = x_t - sigma v.
+
+
+def log_snr(sigma):
+    """lambda = log(alpha / sigma) on the flow path, alpha = 1 - sigma."""
+    return math.log((1 - sigma) / sigma)
+
+
+def exp_step(x_s, x0, sigma_s, sigma_t):
+    """The exponential-integrator step from sigma_s to sigma_t with a fixed data prediction x0 (= DDIM):
+    x_t = alpha_t x0 + sigma_t eps_hat, eps_hat = (x_s - alpha_s x0) / sigma_s. Exact when x0 does not change."""
+    alpha_s, alpha_t = 1 - sigma_s, 1 - sigma_t
+    return (sigma_t / sigma_s) * x_s + (alpha_t - sigma_t * alpha_s / sigma_s) * x0
+
+
+def unic_coefficients(h, r):
+    """Weights (rho_prev, rho_new) of UniC-2 with B(h) = e^h - 1 ('bh2'): they solve [[1, 1], [r, 1]] rho = b
+    with b_k from the phi-functions of -h, k = 1, 2 (UniPC, Zhao et al. 2023, Alg. 1)."""
+    hh = -h  # data prediction integrates in -lambda
+    phi1 = math.expm1(hh)
+    b1 = (phi1 / hh - 1) / phi1
+    b2 = 2 * ((phi1 / hh - 1) / hh - 0.5) / phi1
+    rho_prev = (b1 - b2) / (1 - r)
+    return rho_prev, b1 - rho_prev
+
+
+@torch.no_grad()
+def unipc_sample(velocity_fn, x_T, sigmas, net_sigmas, progress=False):
+    """Flow-matching UniPC as the reference uses it: multistep, order 2, B(h) = e^h - 1, on the data prediction.
+
+    At step i the network is evaluated at x_i; its data prediction m_i first corrects x_i (UniC, using the step
+    that produced x_i) and then predicts x_{i+1} (UniP) from m_i and m_{i-1}. The order is 1 at the first step
+    (no history) and at the last step (to sigma = 0, where the update returns m_i itself), 2 in between.
+    """
+    sig = [float(s) for s in sigmas]
+    lam = [log_snr(s) if 0 < s < 1 else None for s in sig]
+    N = len(sig) - 1
+    x = x_T.float()
+    x_prev = m_prev = m_prev2 = None  # x_{i-1} after correction, m_{i-1}, m_{i-2}
+    order_prev = 0  # order of the predictor that produced x_i
+    for i in tqdm(range(N), desc="sampling", disable=not progress):
+        m = x - sig[i] * velocity_fn(x, float(net_sigmas[i]))  # data prediction at x_i
+
+        if i > 0:  # UniC: redo the step sigma_{i-1} -> sigma_i, now also using m_i
+            if order_prev == 1:
+                correction = 0.5 * (m - m_prev)
+            else:
+                h = lam[i] - lam[i - 1]
+                r = (lam[i - 2] - lam[i - 1]) / h
+                rho_prev, rho_new = unic_coefficients(h, r)
+                correction = rho_prev * (m_prev2 - m_prev) / r + rho_new * (m - m_prev)
+            x = exp_step(x_prev, m_prev + correction, sig[i - 1], sig[i])
+
+        order = min(2, i + 1, N - i)
+        if order == 1:  # UniP-1 (DDIM)
+            x_next = exp_step(x, m, sig[i], sig[i + 1])
+        else:  # UniP-2: a finite difference of the last two data predictions, weight 1/2
+            h = lam[i + 1] - lam[i]
+            r = (lam[i - 1] - lam[i]) / h
+            x_next = exp_step(x, m + 0.5 * (m_prev - m) / r, sig[i], sig[i + 1])
+
+        x_prev, m_prev2, m_prev, order_prev = x, m_prev, m, order
+        x = x_next
+    return x
+
+
+@torch.no_grad()
+def euler_sample(velocity_fn, x_T, sigmas, net_sigmas, progress=False):
+    """First-order Euler: x <- x + (sigma_{i+1} - sigma_i) v. Simple, but needs more steps than UniPC."""
+    sig = [float(s) for s in sigmas]
+    x = x_T.float()
+    for i in tqdm(range(len(sig) - 1), desc="sampling", disable=not progress):
+        x = x + (sig[i + 1] - sig[i]) * velocity_fn(x, float(net_sigmas[i]))
+    return x
+
+
+SAMPLERS = {"unipc": unipc_sample, "euler": euler_sample}
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. The velocity: conditioning frames and classifier-free guidance
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_velocity_fn(net, noise, cond_latent, num_cond_frames, text_emb, neg_text_emb, guidance):
+    """velocity_fn(x_t, sigma) for the samplers, the reference's Video2World denoiser (frame replacement).
+
+    net(x, sigma, crossattn_emb, condition_mask) is the DiT. noise [B,16,T,H,W] is the initial noise x_T;
+    cond_latent [B,16,T,H,W] holds the clean latent in its first `num_cond_frames` frames (the rest is unused).
+    On those frames the network sees the clean latent (and a mask channel of ones), and its velocity is replaced
+    by noise - cond_latent, the velocity of the straight line from x_T to the clean latent, so the sampler carries
+    them along that line. Guidance: v = v_cond + g (v_cond - v_uncond) (the reference's form: g = 7 weighs the
+    conditional branch by 8), the unconditional branch using the negative prompt and the same conditioning frames,
+    both in one batched forward; g = 0 runs the conditional pass alone.
+    """
+    B, _, T, H, W = noise.shape
+    is_cond = (torch.arange(T, device=noise.device) < num_cond_frames).view(1, 1, T, 1, 1)  # [1,1,T,1,1]
+    cond_mask = is_cond.to(noise.dtype).expand(B, 1, T, H, W)  # [B,1,T,H,W]
+    cond_velocity = noise - cond_latent
+    n_pass = 1 if guidance == 0 else 2
+    crossattn_emb = text_emb if n_pass == 1 else torch.cat([text_emb, neg_text_emb])  # [n_pass*B,L,D]
+    mask_in = cond_mask.repeat(n_pass, 1, 1, 1, 1)
+
+    def velocity_fn(x_t, sigma):
+        x_in = torch.where(is_cond, cond_latent, x_t).repeat(n_pass, 1, 1, 1, 1)  # [n_pass*B,16,T,H,W]
+        sigma_in = torch.full((n_pass * B,), sigma, dtype=torch.float32, device=x_t.device)
+        v = net(x_in, sigma_in, crossattn_emb, condition_mask=mask_in).float()
+        if n_pass == 2:
+            v_cond, v_uncond = v.chunk(2)
+            v = v_cond + guidance * (v_cond - v_uncond)
+        return torch.where(is_cond, cond_velocity, v)
+
+    return velocity_fn
+
+
+def initial_noise(seed, shape):
+    """The reference's x_T: numpy's RandomState stream on the host in float32, so a seed means the same noise on
+    any device and any number of processes."""
+    return torch.from_numpy(np.random.RandomState(seed).standard_normal(shape).astype(np.float32))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Inputs: samples from the command line or a JSON batch, checked before anything heavy runs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    name: str
+    prompt: str
+    input_path: Path | None  # image or video; None for Text2World
+    num_cond_frames: int  # latent conditioning frames: 0, 1 or 2
+    negative_prompt: str
+    seed: int
+    guidance: float
+    resolution: tuple  # (H, W) in pixels
+    num_frames: int  # pixel frames, 1 + 4k
+
+
+BATCH_FIELDS = ("inference_type", "samples", "negative_prompt", "seed", "guidance", "resolution", "num_output_frames")
+SAMPLE_FIELDS = ("prompt", "prompt_path", "input_path")
+
+
+def parse_resolution(text, source):
+    """'H,W' (multiples of 16: VAE factor 8 times the DiT patch 2) -> (H, W)."""
+    parts = str(text).split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"{source}: resolution must be 'H,W' in pixels, got {text!r}")
+    H, W = (int(p) for p in parts)
+    if H <= 0 or W <= 0 or H % 16 or W % 16:
+        raise ValueError(f"{source}: resolution {H},{W} must be positive multiples of 16")
+    return H, W
+
+
+def check_num_frames(n, source):
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or (n - 1) % VAE_TIME_FACTOR:
+        raise ValueError(f"{source}: the number of frames must be 1 + 4k (e.g. 93, 77, 1), got {n!r}")
+    return n
+
+
+def check_guidance(g, source):
+    if isinstance(g, bool) or not isinstance(g, (int, float)) or not g >= 0:
+        raise ValueError(f"{source}: guidance must be a number >= 0, got {g!r}")
+    return g
+
+
+def check_input(path, num_cond_frames, source):
+    """The conditioning input exists and suits the mode (an image gives 1 latent frame only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{source}: input file {path} does not exist")
+    if num_cond_frames == 2 and path.suffix.lower() in IMAGE_EXTENSIONS:
+        raise ValueError(f"{source}: video2world needs a video (5 frames make its 2 conditioning latent frames), "
+                         f"got the image {path}; use image2world for an image")
+    return path
+
+
+def parse_batch_file(path, defaults):
+    """Samples of a JSON batch in the reference's format (cosmos_predict2/config.py:InferenceArguments):
+
+        {"inference_type": "image2world",
+         "samples": {"name": {"prompt": "...", "input_path": "in.jpg"}, ...},   # or "prompt_path": "p.txt"
+         "negative_prompt": "...", "seed": 0, "guidance": 7, "resolution": "704,1280", "num_output_frames": 93}
+
+    Relative paths are relative to the JSON file. Fields the file leaves out take their value from `defaults`
+    (a Sample-like namespace from the command line). Unlike the reference, which ignores it, `num_output_frames`
+    sets the number of frames.
+    """
+    path = Path(path)
+    try:
+        batch = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read the batch file {path}: {e}") from None
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path}: expected a JSON object with fields {', '.join(BATCH_FIELDS)}")
+    unknown = sorted(set(batch) - set(BATCH_FIELDS))
+    if unknown:
+        raise ValueError(f"{path}: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(BATCH_FIELDS)}")
+    for field in ("inference_type", "samples"):
+        if field not in batch:
+            raise ValueError(f"{path}: missing required field {field!r}")
+    if batch["inference_type"] not in INFERENCE_TYPES:
+        raise ValueError(f"{path}: inference_type must be one of {', '.join(INFERENCE_TYPES)}, "
+                         f"got {batch['inference_type']!r}")
+    num_cond_frames = INFERENCE_TYPES[batch["inference_type"]]
+    if not isinstance(batch["samples"], dict) or not batch["samples"]:
+        raise ValueError(f"{path}: samples must be a non-empty object mapping names to samples")
+
+    negative_prompt = batch.get("negative_prompt", defaults.negative_prompt)
+    if not isinstance(negative_prompt, str):
+        raise ValueError(f"{path}: negative_prompt must be a string")
+    seed = batch.get("seed", defaults.seed)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"{path}: seed must be an integer, got {seed!r}")
+    guidance = check_guidance(batch.get("guidance", defaults.guidance), path)
+    resolution = batch.get("resolution", "none")
+    resolution = defaults.resolution if resolution == "none" else parse_resolution(resolution, path)
+    num_frames = check_num_frames(batch.get("num_output_frames", defaults.num_frames), path)
+
+    samples = []
+    for name, fields in batch["samples"].items():
+        source = f"{path}: sample {name!r}"
+        if not isinstance(fields, dict):
+            raise ValueError(f"{source}: expected an object with fields {', '.join(SAMPLE_FIELDS)}")
+        unknown = sorted(set(fields) - set(SAMPLE_FIELDS))
+        if unknown:
+            raise ValueError(f"{source}: unknown field(s) {', '.join(unknown)}; "
+                             f"known fields: {', '.join(SAMPLE_FIELDS)}")
+        if "prompt_path" in fields:  # as in the reference, a prompt file wins over an inline prompt
+            prompt_path = path.parent / fields["prompt_path"]
+            if not prompt_path.is_file():
+                raise FileNotFoundError(f"{source}: prompt_path {prompt_path} does not exist")
+            prompt = prompt_path.read_text().strip()
+        elif isinstance(fields.get("prompt"), str):
+            prompt = fields["prompt"]
+        else:
+            raise ValueError(f"{source}: needs a string 'prompt' or a 'prompt_path'")
+        input_path = None
+        if num_cond_frames > 0:
+            if "input_path" not in fields:
+                raise ValueError(f"{source}: {batch['inference_type']} needs an input_path")
+            input_path = check_input(path.parent / fields["input_path"], num_cond_frames, source)
+        elif "input_path" in fields:
+            raise ValueError(f"{source}: text2world takes no input_path (use image2world or video2world)")
+        samples.append(Sample(name, prompt, input_path, num_cond_frames, negative_prompt, seed, guidance,
+                              resolution, num_frames))
+    return samples
+
+
+def read_condition_frames(sample):
+    """The pixels behind the conditioning latent frames, uint8 [1 + 4(n-1), H, W, 3]: the image, or the last
+    1 + 4(n-1) frames of the video, scaled to cover (H, W) and center-cropped (spec §3.4).
+
+    The reference pads these to the full clip (zeros after an image, the last frame repeated after a video) and
+    encodes all of it; the VAE is causal, so the first n latent frames, the only ones used, depend on these pixels
+    alone and encoding them alone gives the same latents for a fraction of the work.
+    """
+    from prep_data import read_image, read_video, resize_frames, video_info
+
+    n, path = sample.num_cond_frames, sample.input_path
+    needed = 1 + VAE_TIME_FACTOR * (n - 1)
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        frames = read_image(path)  # [1,h,w,3]
+    else:
+        total = video_info(path).num_frames
+        if total < needed:
+            raise ValueError(f"sample {sample.name!r}: video {path} has {total} frame(s); "
+                             f"{MODE_NAMES[n]} needs at least {needed}")
+        frames, _ = read_video(path, start=total - needed, num_frames=needed)  # [k,h,w,3]
+    return resize_frames(frames, sample.resolution, mode="crop")  # [k,H,W,3]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Networks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def text_embeddings(samples, text_encoder, prompt_embeds, device):
+    """{text: embedding [1,512,100352] on the CPU} for every prompt, and every negative prompt that guidance uses.
+    With `prompt_embeds` (one sample) they come from that file: a .safetensors or .pt holding the tensors
+    'prompt' and, when guidance > 0, 'negative_prompt'. Otherwise the text encoder computes them and is freed."""
+    if prompt_embeds is not None:
+        (sample,) = samples
+        tensors = read_tensors(prompt_embeds)
+        wanted = {"prompt": sample.prompt} | ({"negative_prompt": sample.negative_prompt} if sample.guidance else {})
+        missing = [k for k in wanted if k not in tensors]
+        if missing:
+            raise KeyError(f"{prompt_embeds}: no tensor {', '.join(missing)} (it has {', '.join(tensors) or 'none'})")
+        return {text: tensors[k].reshape(1, *tensors[k].shape[-2:]) for k, text in wanted.items()}
+
+    from model import TextEncoder
+
+    texts = list(dict.fromkeys(t for s in samples for t in [s.prompt] + ([s.negative_prompt] if s.guidance else [])))
+    encoder = TextEncoder.from_pretrained(text_encoder, device=device, dtype=dtype_for(device))
+    embeddings = {t: encoder.encode([t]).cpu() for t in tqdm(texts, desc="text encoder", disable=len(texts) < 2)}
+    del encoder
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return embeddings
+
+
+def read_tensors(path):
+    """A flat {name: tensor} file, .safetensors or torch (.pt/.pth), read without copying it twice."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        tensors = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable tensor file ({type(e).__name__}: {e})") from None
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise ValueError(f"{path} does not hold a flat dict of tensors")
+    return tensors
+
+
+def parse_lora_spec(spec):
+    """'file[:scale]' -> (Path, scale)."""
+    path, sep, scale = spec.rpartition(":")
+    if not sep or not path:  # no scale given (or a bare ':...' that is part of the name)
+        path, scale = spec, "1"
+    try:
+        scale = float(scale)
+    except ValueError:
+        path, scale = spec, 1.0
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--lora {spec}: adapter file {path} does not exist")
+    return Path(path), scale
+
+
+def read_adapter(path, adapter_name):
+    """An adapter file in our layout (`<module>.lora_A.<any>.weight`, optionally under `net.`) or diffusers'
+    (`[transformer.]transformer_blocks.<i>.attn1.to_q.lora_A.weight`) -> our keys under `adapter_name`."""
+    from convert import dit_key_from_diffusers
+
+    out = {}
+    for key, value in read_tensors(path).items():
+        key = key.removeprefix("net.").removeprefix("transformer.")
+        if key.startswith("transformer_blocks."):
+            key = dit_key_from_diffusers(key, adapter_name)
+        module, tag, _, weight = key.rsplit(".", 3)
+        if tag not in ("lora_A", "lora_B") or weight != "weight":
+            raise KeyError(f"{path}: {key!r} is not a LoRA weight (expected <module>.lora_A|lora_B.<name>.weight)")
+        out[f"{module}.{tag}.{adapter_name}.weight"] = value
+    if not out:
+        raise ValueError(f"{path} holds no LoRA weights")
+    return out
+
+
+def add_adapters(net, state_dict):
+    """Inject the adapters whose `lora_A` weights appear in `state_dict` (rank from their shape; alpha = rank, the
+    reference's scale 1) into exactly the modules named there. Returns the adapter names."""
+    from lora import inject_lora
+
+    modules = {}  # adapter name -> {module: rank}
+    for key, value in state_dict.items():
+        if ".lora_A." in key:
+            module, rest = key.split(".lora_A.")
+            modules.setdefault(rest.removesuffix(".weight"), {})[module] = value.shape[0]
+    for name, ranks in modules.items():
+        if len(set(ranks.values())) != 1:
+            raise ValueError(f"adapter {name!r} has several ranks {sorted(set(ranks.values()))}")
+        rank = next(iter(ranks.values()))
+        inject_lora(net, list(ranks), rank=rank, alpha=rank, adapter_name=name)
+    return list(modules)
+
+
+def load_dit(ckpt, loras, merge, device, config=None):
+    """The DiT of an official-layout checkpoint (a LoRA run's adapters included), plus the `--lora` adapters
+    (path, scale), optionally merged into the base weights. The preset and the checkpoint's adapter come from its
+    shapes (adapter alpha = rank), or from a training config file (`dit_preset`, `use_lora`, `lora_rank`,
+    `lora_alpha`, `lora_target_modules`), like the reference's --experiment."""
+    from lora import inject_lora, load_lora_state_dict, merge_lora, set_adapter_scale
+    from model import DIT_PRESETS, DiT, infer_dit_config, load_checkpoint_file
+
+    state_dict = load_checkpoint_file(ckpt, prefix="net.")
+    if config is None:
+        with torch.device("meta"):
+            net = DiT(infer_dit_config(state_dict, ckpt))
+        names = add_adapters(net, state_dict)
+    else:
+        import train
+
+        conf = train.load_config([str(config)])
+        with torch.device("meta"):
+            net = DiT(DIT_PRESETS[conf["dit_preset"]])
+        names = []
+        if conf["use_lora"]:
+            inject_lora(net, conf["lora_target_modules"], rank=conf["lora_rank"], alpha=conf["lora_alpha"])
+            names.append("default")
+    net.load_official_state_dict(state_dict, source=ckpt)
+    net = net.to(device=device, dtype=dtype_for(device)).eval()
+    for i, (path, scale) in enumerate(loras):
+        name = f"lora{i}"
+        adapter = read_adapter(path, name)
+        add_adapters(net, adapter)
+        try:
+            load_lora_state_dict(net, adapter, name)
+        except KeyError as e:
+            raise KeyError(f"--lora {path}: {e} (an adapter trained for another model size?)") from None
+        set_adapter_scale(net, name, scale)
+        names.append(name)
+    if merge:
+        for name in names:
+            merge_lora(net, name)
+    return net
+
+
+def load_vae(path, device):
+    from model import WanVAE
+
+    return WanVAE.from_pretrained(path, device=device, dtype=dtype_for(device))
+
+
+def dtype_for(device):
+    """bf16 on the GPU, as the reference; fp32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Generation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate(net, vae, sample, condition_frames, text_emb, neg_text_emb, device, steps=35, shift=5.0,
+             sampler="unipc", progress=False):
+    """One sample -> (video uint8 [T,H,W,3], latents [1,16,t,h,w] fp32). condition_frames: uint8 [k,H,W,3]
+    from read_condition_frames (None for Text2World); text_emb, neg_text_emb: [1,L,D] (neg None when g = 0)."""
+    from prep_data import frames_to_tensor
+
+    H, W = sample.resolution
+    shape = (1, LATENT_CHANNELS, 1 + (sample.num_frames - 1) // VAE_TIME_FACTOR, H // VAE_SPACE_FACTOR,
+             W // VAE_SPACE_FACTOR)
+    noise = initial_noise(sample.seed, shape).to(device)
+    cond_latent = torch.zeros_like(noise)
+    n = sample.num_cond_frames
+    if n > 0:
+        video = frames_to_tensor(torch.from_numpy(condition_frames).to(device), dtype_for(device))  # [3,k,H,W]
+        cond_latent[:, :, :n] = vae.encode(video[None]).float()
+    velocity_fn = make_velocity_fn(net, noise, cond_latent, n, text_emb.to(device),
+                                   None if neg_text_emb is None else neg_text_emb.to(device), sample.guidance)
+    sigmas, net_sigmas = flow_schedule(steps, shift)
+    latents = SAMPLERS[sampler](velocity_fn, noise, sigmas, net_sigmas, progress=progress)
+    video = vae.decode(latents)[0].float()  # [3,T,H,W], about [-1,1]
+    # the reference's conversion: to [0,1], clamp, x255, truncate
+    video = ((video + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8).permute(1, 2, 3, 0)  # [T,H,W,3]
+    return video.cpu(), latents.cpu()
+
+
+def generate_to_file(net, path, vae_checkpoint, text_encoder, prompt, num_frames=DEFAULT_NUM_FRAMES,
+                     resolution=DEFAULT_RESOLUTION, steps=35, guidance=7.0, seed=1, device="cuda",
+                     negative_prompt=DEFAULT_NEGATIVE_PROMPT, fps=16):
+    """Text2World with a DiT already in memory (train.py's validation videos); the text encoder and the VAE are
+    loaded for the call and freed after it."""
+    from prep_data import write_video
+
+    device = torch.device(device)
+    s = Sample(Path(path).stem, prompt, None, 0, negative_prompt, seed, check_guidance(guidance, "guidance"),
+               tuple(resolution), check_num_frames(num_frames, "num_frames"))
+    embeddings = text_embeddings([s], text_encoder, None, device)
+    vae = load_vae(vae_checkpoint, device)
+    video, _ = generate(net, vae, s, None, embeddings[prompt], embeddings.get(negative_prompt), device, steps)
+    write_video(path, video.numpy(), fps=fps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_argument_group("what to generate")
+    what.add_argument("--prompt", help="the text prompt (one sample; or use -i)")
+    src = what.add_mutually_exclusive_group()
+    src.add_argument("--image", help="Image2World: condition on this image (1 latent frame)")
+    src.add_argument("--video", help="Video2World: condition on the last 5 frames of this video (2 latent frames)")
+    what.add_argument("-i", "--input", help="a JSON batch in the reference's format (inference_type, samples, ...)")
+    what.add_argument("-o", "--output", required=True, help="output .mp4 (one sample) or folder (a batch)")
+    what.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    what.add_argument("--save_latents", action="store_true", help="also write the final latents (.safetensors)")
+    nets = p.add_argument_group("weights")
+    nets.add_argument("--ckpt", required=True, help="DiT checkpoint in the official layout (e.g. model_ema_bf16.pt)")
+    nets.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                      help="an extra adapter (ours or diffusers'), its output scaled by SCALE (default 1); repeatable")
+    nets.add_argument("--merge", action="store_true", help="fold the adapters into the base weights (faster)")
+    nets.add_argument("--config", help="the training config (e.g. configs/nemo_lora.py) giving the DiT preset and "
+                                       "the checkpoint's LoRA settings; default: read from the checkpoint's shapes")
+    nets.add_argument("--vae", required=True, help="Wan2.1 VAE weights (tokenizer.pth)")
+    nets.add_argument("--text_encoder", help="Cosmos-Reason1 folder (Hugging Face layout)")
+    nets.add_argument("--prompt_embeds", help="cached embeddings instead of the text encoder: a file with tensors "
+                                              "'prompt' and 'negative_prompt' [512,100352]")
+    how = p.add_argument_group("sampling (a JSON batch's own fields take precedence)")
+    how.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT,
+                     help="the unconditional branch's prompt (default: the reference's)")
+    how.add_argument("--guidance", type=float, default=7.0,
+                     help="g in v = v_cond + g (v_cond - v_uncond); 0 runs no unconditional pass (default: 7)")
+    how.add_argument("--seed", type=int, default=1, help="seed of the initial noise, numpy RandomState (default: 1)")
+    how.add_argument("--resolution", default=f"{DEFAULT_RESOLUTION[0]},{DEFAULT_RESOLUTION[1]}",
+                     help="H,W in pixels, multiples of 16 (default: %(default)s)")
+    how.add_argument("--num_frames", type=int, default=DEFAULT_NUM_FRAMES,
+                     help="pixel frames, 1 + 4k (default: %(default)s)")
+    how.add_argument("--steps", type=int, default=35, help="sampler steps (default: %(default)s)")
+    how.add_argument("--shift", type=float, default=5.0,
+                     help="schedule shift towards high noise (default: %(default)s)")
+    how.add_argument("--sampler", choices=list(SAMPLERS), default="unipc", help="flow UniPC (the reference's) or Euler")
+    how.add_argument("--fps", type=int, default=16, help="frame rate of the written mp4 (default: %(default)s)")
+    return p
+
+
+def samples_from_args(args):
+    """The samples to generate, checked (files exist, values valid), before anything heavy runs."""
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    defaults = Sample(name="", prompt="", input_path=None, num_cond_frames=0, negative_prompt=args.negative_prompt,
+                      seed=args.seed, guidance=check_guidance(args.guidance, "--guidance"),
+                      resolution=parse_resolution(args.resolution, "--resolution"),
+                      num_frames=check_num_frames(args.num_frames, "--num_frames"))
+    if args.input:
+        if args.prompt or args.image or args.video or args.prompt_embeds:
+            raise ValueError("-i takes the prompts and inputs from the JSON file: drop --prompt/--image/--video/"
+                             "--prompt_embeds")
+        return parse_batch_file(args.input, defaults)
+    if not args.prompt and not args.prompt_embeds:
+        raise ValueError("give --prompt (or --prompt_embeds), or a JSON batch with -i")
+    n = 1 if args.image else 2 if args.video else 0
+    path = args.image or args.video
+    defaults.name = Path(args.output).stem
+    defaults.prompt = args.prompt or ""
+    defaults.num_cond_frames = n
+    defaults.input_path = check_input(path, n, "--image" if args.image else "--video") if n else None
+    return [defaults]
+
+
+def output_paths(args, samples):
+    """{sample name: mp4 path}; existing files are an error unless --overwrite."""
+    if args.input:
+        out = Path(args.output)
+        if out.suffix == ".mp4":
+            raise ValueError(f"-o {out}: a batch writes one mp4 per sample into a folder, not to one file")
+        paths = {s.name: out / f"{s.name}.mp4" for s in samples}
+    else:
+        if Path(args.output).suffix != ".mp4":
+            raise ValueError(f"-o {args.output}: one sample is written to an .mp4 file")
+        paths = {samples[0].name: Path(args.output)}
+    written = list(paths.values()) + ([p.with_suffix(".safetensors") for p in paths.values()] if args.save_latents
+                                      else [])
+    existing = [str(p) for p in written if p.exists()]
+    if existing and not args.overwrite:
+        raise FileExistsError(f"output exists (pass --overwrite to replace): {', '.join(existing)}")
+    return paths
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if (args.text_encoder is None) == (args.prompt_embeds is None):
+        raise ValueError("give exactly one of --text_encoder and --prompt_embeds")
+    samples = samples_from_args(args)
+    if args.prompt_embeds and len(samples) != 1:
+        raise ValueError("--prompt_embeds holds one prompt's embeddings; a batch needs --text_encoder")
+    paths = output_paths(args, samples)
+    loras = [parse_lora_spec(spec) for spec in args.lora]
+    for f in [args.ckpt, args.vae] + ([args.config] if args.config else []):
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"{f} does not exist")
+    if args.text_encoder and not Path(args.text_encoder).is_dir():
+        raise FileNotFoundError(f"--text_encoder {args.text_encoder}: no such folder")
+
+    # under torchrun every process takes every world-th sample; each sample's noise depends on its seed alone
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    mine = samples[rank::world]
+    if not mine:
+        return
+    frames = {s.name: read_condition_frames(s) if s.num_cond_frames else None for s in mine}
+
+    embeddings = text_embeddings(mine, args.text_encoder, args.prompt_embeds, device)
+    net = load_dit(args.ckpt, loras, args.merge, device, args.config)
+    vae = load_vae(args.vae, device)
+
+    from prep_data import write_video
+
+    for s in mine:
+        neg = embeddings[s.negative_prompt] if s.guidance else None
+        video, latents = generate(net, vae, s, frames[s.name], embeddings[s.prompt], neg, device, args.steps,
+                                  args.shift, args.sampler, progress=rank == 0)
+        path = paths[s.name]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_video(path, video.numpy(), fps=args.fps)
+        if args.save_latents:
+            from safetensors.torch import save_file
+
+            save_file({"latents": latents.contiguous()}, path.with_suffix(".safetensors"))
+        print(f"[rank {rank}] {s.name}: {MODE_NAMES[s.num_cond_frames]}, {len(video)} frames "
+              f"{s.resolution[0]}x{s.resolution[1]} -> {path}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: the message, no traceback
+        raise SystemExit(f"sample.py: error: {e}") from None

@@ -1,0 +1,556 @@
+"""sample.py without the networks: schedule, samplers (against diffusers' UniPC), guidance, conditioning frames,
+noise, JSON batches and input checks. CPU, small tensors."""
+
+import json
+import numpy as np
+import pytest
+import torch
+
+import sample
+from sample import (DEFAULT_NEGATIVE_PROMPT, euler_sample, flow_schedule, initial_noise, make_velocity_fn,
+                    parse_batch_file, unipc_sample)
+
+# the reference's 35 timesteps at shift 5 (spec/vae_text_encoder_inference.md §3.5)
+REFERENCE_TIMESTEPS_35 = [999, 993, 987, 981, 974, 967, 960, 952, 943, 935, 925, 915, 905, 894, 882, 869, 855, 840,
+                          824, 807, 789, 768, 746, 722, 695, 666, 633, 596, 555, 508, 454, 391, 318, 232, 128]
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def synthetic_velocity(shape, seed=0):
+    """A fixed smooth velocity field v(x, sigma): a random linear map of x over the channels, bent by tanh, plus a
+    sigma-dependent drift, so the solver's history and the sigma it passes both matter."""
+    g = torch.Generator().manual_seed(seed)
+    C = shape[1]
+    A = torch.randn(C, C, generator=g) / C ** 0.5
+    c = torch.randn(shape, generator=g)
+    calls = []
+
+    def velocity_fn(x, sigma):
+        calls.append((x.clone(), sigma))
+        return torch.tanh(torch.einsum("dc,bc...->bd...", A, x)) + (0.5 + sigma) * c
+
+    return velocity_fn, calls
+
+
+def diffusers_unipc(steps, shift):
+    from diffusers import UniPCMultistepScheduler
+
+    sched = UniPCMultistepScheduler(num_train_timesteps=1000, solver_order=2, prediction_type="flow_prediction",
+                                    predict_x0=True, solver_type="bh2", lower_order_final=True, use_flow_sigmas=True,
+                                    flow_shift=shift, final_sigmas_type="zero")
+    # the reference's unshifted sigmas: evenly spaced over the training grid's [0, float32(0.999)]
+    sigma_max = float(np.float32(0.999))
+    sched.set_timesteps(sigmas=np.linspace(sigma_max, 0.0, steps + 1)[:-1])
+    return sched
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# schedule
+
+
+def test_schedule_matches_reference_timesteps():
+    sigmas, net_sigmas = flow_schedule(35, 5.0)
+    assert sigmas.dtype == net_sigmas.dtype == torch.float32
+    assert len(sigmas) == 36 and sigmas[-1].item() == 0.0 and bool((sigmas[1:] < sigmas[:-1]).all())
+    timesteps = (net_sigmas.double() * 1000).round().long().tolist()
+    assert timesteps[:5] == [999, 993, 987, 981, 974]
+    assert timesteps == REFERENCE_TIMESTEPS_35
+    # the network is told the truncated timestep, never more than sigma
+    assert bool((net_sigmas <= sigmas[:-1]).all()) and bool((sigmas[:-1] - net_sigmas < 1e-3).all())
+    _, net_sigmas_20 = flow_schedule(20, 5.0)
+    assert (net_sigmas_20[:5].double() * 1000).round().long().tolist() == [999, 989, 978, 965, 952]
+
+
+@pytest.mark.parametrize("steps,shift", [(35, 5.0), (20, 5.0), (10, 3.0)])
+def test_schedule_equals_diffusers(steps, shift):
+    sigmas, net_sigmas = flow_schedule(steps, shift)
+    sched = diffusers_unipc(steps, shift)
+    assert torch.equal(sigmas, sched.sigmas)
+    assert torch.equal((net_sigmas.double() * 1000).round().long(), sched.timesteps)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# samplers
+
+
+@pytest.mark.parametrize("steps,shift", [(35, 5.0), (20, 5.0), (6, 1.0)])
+def test_unipc_equals_diffusers_step_for_step(steps, shift):
+    shape = (2, 4, 3, 4, 6)
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    sigmas, net_sigmas = flow_schedule(steps, shift)
+
+    ours_fn, ours_calls = synthetic_velocity(shape)
+    ours = unipc_sample(ours_fn, x_T, sigmas, net_sigmas)
+
+    ref_fn, ref_calls = synthetic_velocity(shape)
+    sched = diffusers_unipc(steps, shift)
+    x = x_T.clone()
+    for t in sched.timesteps:
+        v = ref_fn(x, float(torch.tensor(int(t)) * 0.001))  # the network sees the integer timestep, as ours
+        x = sched.step(v, t, x, return_dict=False)[0]
+
+    assert len(ours_calls) == len(ref_calls) == steps
+    for i, ((xo, so), (xr, sr)) in enumerate(zip(ours_calls, ref_calls)):
+        assert so == sr, f"step {i}: sigma for the network {so} vs {sr}"
+        assert rel_err(xo, xr) <= 1e-5, f"step {i}: x differs by {rel_err(xo, xr):.2e}"
+    assert rel_err(ours, x) <= 1e-5
+    assert not torch.equal(ours, x_T)
+
+
+def test_unipc_order_matters():
+    """Both samplers integrate a straight flow exactly; on a curved one UniPC's higher order shows."""
+    # a constant velocity v = eps - x0: both integrate it exactly, from x_T at sigma_0 to x_T - sigma_0 v
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(1, 4, 2, 4, 4, generator=g), torch.randn(1, 4, 2, 4, 4, generator=g)
+    sigmas, _ = flow_schedule(8, 5.0)
+    straight = lambda x, s: eps - x0  # noqa: E731
+    end = eps - sigmas[0].item() * (eps - x0)
+    assert rel_err(unipc_sample(straight, eps, sigmas, sigmas[:-1]), end) < 1e-6
+    assert rel_err(euler_sample(straight, eps, sigmas, sigmas[:-1]), end) < 1e-6
+
+    # a curved flow whose exact solution is known: x(s) = (1-s) x0(s) + s eps with x0(s) turning with s, v = dx/ds.
+    # Euler's error halves when the steps double (first order); UniPC's is far smaller and falls faster.
+    def x_exact(s):
+        return (1 - s) * (x0 * np.cos(s) + eps * np.sin(s)) + s * eps
+
+    def curved(x, s):
+        return (x_exact(s + 1e-4) - x_exact(s - 1e-4)) / 2e-4
+
+    errors = {}
+    for steps in (10, 20):
+        sigmas, _ = flow_schedule(steps, 1.0)
+        start = x_exact(sigmas[0].item())
+        for name, sampler in (("euler", euler_sample), ("unipc", unipc_sample)):
+            out = sampler(curved, start, sigmas, sigmas[:-1])
+            errors[name, steps] = (out - x_exact(0.0)).abs().max().item()
+    assert errors["unipc", 20] < errors["euler", 20] / 10, errors
+    assert errors["euler", 10] / errors["euler", 20] < 2.5 < 3 < errors["unipc", 10] / errors["unipc", 20], errors
+
+
+def test_euler_by_hand():
+    sigmas = torch.tensor([0.9, 0.5, 0.2, 0.0])
+    net_sigmas = torch.tensor([0.899, 0.499, 0.199])
+    seen = []
+
+    def v(x, s):
+        seen.append(s)
+        return 2 * x + s
+
+    x_T = torch.tensor([1.0, -2.0])
+    x = x_T.clone()
+    for s, s_next, sn in [(0.9, 0.5, 0.899), (0.5, 0.2, 0.499), (0.2, 0.0, 0.199)]:
+        x = x + (s_next - s) * (2 * x + sn)
+    out = euler_sample(v, x_T, sigmas, net_sigmas)
+    assert torch.allclose(out, x, rtol=1e-6, atol=1e-6)
+    assert seen == pytest.approx([0.899, 0.499, 0.199])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# velocity: guidance and conditioning frames
+
+
+class RecordingNet:
+    """Stands in for the DiT: a deterministic function of (x, sigma, text, mask) that records its inputs."""
+
+    def __init__(self, C=4, D=8, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.A = torch.randn(C, C, generator=g) / C ** 0.5
+        self.w = torch.randn(D, generator=g)
+        self.calls = []
+
+    def __call__(self, x, sigma, crossattn_emb, condition_mask=None, padding_mask=None):
+        self.calls.append(dict(x=x.clone(), sigma=sigma.clone(), emb=crossattn_emb.clone(),
+                               mask=condition_mask.clone()))
+        text = (crossattn_emb.mean(1) @ self.w).view(-1, 1, 1, 1, 1)  # [B,1,1,1,1]
+        return (torch.tanh(torch.einsum("dc,bc...->bd...", self.A, x)) * (1 + text) + sigma.view(-1, 1, 1, 1, 1)
+                + 0.1 * condition_mask)
+
+
+def text(B, seed, L=5, D=8):
+    return torch.randn(B, L, D, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("guidance", [7.0, 2.5])
+def test_cfg_formula_and_one_batched_pass(guidance):
+    B, shape = 2, (2, 4, 3, 4, 4)
+    noise = torch.randn(shape)
+    emb, neg = text(B, 1), text(B, 2)
+    net = RecordingNet()
+    fn = make_velocity_fn(net, noise, torch.zeros(shape), 0, emb, neg, guidance)
+    x = torch.randn(shape)
+    v = fn(x, 0.7)
+
+    assert len(net.calls) == 1, "cond and uncond must share one forward"
+    call = net.calls[0]
+    assert call["x"].shape[0] == 2 * B
+    assert torch.equal(call["x"][:B], x) and torch.equal(call["x"][B:], x)
+    assert torch.equal(call["emb"], torch.cat([emb, neg]))
+    assert torch.equal(call["sigma"], torch.full((2 * B,), 0.7))
+    assert call["mask"].shape == (2 * B, 1, 3, 4, 4) and not call["mask"].any()
+
+    ones = torch.zeros(B, 1, 3, 4, 4)
+    v_cond = RecordingNet()(x, torch.full((B,), 0.7), emb, ones)
+    v_uncond = RecordingNet()(x, torch.full((B,), 0.7), neg, ones)
+    assert torch.allclose(v, v_cond + guidance * (v_cond - v_uncond), rtol=1e-6, atol=1e-6)
+
+
+def test_guidance_zero_runs_one_conditional_pass():
+    shape = (1, 4, 2, 4, 4)
+    emb = text(1, 1)
+    net = RecordingNet()
+    fn = make_velocity_fn(net, torch.randn(shape), torch.zeros(shape), 0, emb, None, 0.0)
+    x = torch.randn(shape)
+    v = fn(x, 0.3)
+    assert len(net.calls) == 1 and net.calls[0]["x"].shape[0] == 1 and torch.equal(net.calls[0]["emb"], emb)
+    assert torch.equal(v, RecordingNet()(x, torch.full((1,), 0.3), emb, torch.zeros(1, 1, 2, 4, 4)))
+
+
+@pytest.mark.parametrize("n_cond", [1, 2])
+def test_conditioning_frames(n_cond):
+    """Every step the network sees the clean latent (and a mask of ones) on the first n frames and their velocity
+    is noise - clean latent, so those frames ride the straight line from x_T to the clean latent. Like the
+    reference, the sampler state starts at x_T at sigma_0 < 1, so they end at clean + (1 - sigma_0)(x_T - clean):
+    the clean latent up to 2e-4 of the distance, not bit-exactly."""
+    shape = (1, 4, 4, 4, 4)
+    g = torch.Generator().manual_seed(3)
+    noise, clean = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    cond_latent = clean.clone()
+    cond_latent[:, :, n_cond:] = 0
+    net = RecordingNet()
+    fn = make_velocity_fn(net, noise, cond_latent, n_cond, text(1, 1), text(1, 2), 7.0)
+    sigmas, net_sigmas = flow_schedule(35, 5.0)
+    out = unipc_sample(fn, noise, sigmas, net_sigmas)
+
+    for call in net.calls:
+        for half in (call["x"][:1], call["x"][1:]):
+            assert torch.equal(half[:, :, :n_cond], clean[:, :, :n_cond])
+        assert call["mask"][:, :, :n_cond].eq(1).all() and call["mask"][:, :, n_cond:].eq(0).all()
+    s0 = sigmas[0].item()
+    expected = clean + (1 - s0) * (noise - clean)
+    assert torch.allclose(out[:, :, :n_cond], expected[:, :, :n_cond], rtol=0, atol=1e-5)
+    assert (out[:, :, :n_cond] - clean[:, :, :n_cond]).abs().max() < 1e-3
+    # the generated frames differ from a text2world run (they attend to nothing here, but the net sees the mask)
+    assert not torch.allclose(out[:, :, n_cond:], noise[:, :, n_cond:])
+
+
+def test_conditioned_sampling_equals_diffusers_pipeline_loop():
+    """Guidance + conditioning frames + UniPC against the denoising loop of diffusers' Cosmos2_5 predict pipeline
+    (frame replacement, gt velocity on conditioning frames, v + g (v - v_neg), UniPC step), same stand-in net."""
+    shape, n_cond, g_scale, steps = (1, 4, 4, 4, 6), 2, 7.0, 12
+    gen = torch.Generator().manual_seed(5)
+    noise, clean = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    emb, neg = text(1, 1), text(1, 2)
+    sigmas, net_sigmas = flow_schedule(steps, 5.0)
+    ours = unipc_sample(make_velocity_fn(RecordingNet(), noise, clean, n_cond, emb, neg, g_scale), noise, sigmas,
+                        net_sigmas)
+
+    net = RecordingNet()
+    sched = diffusers_unipc(steps, 5.0)
+    cond_mask = torch.zeros(1, 1, 4, 4, 6)
+    cond_mask[:, :, :n_cond] = 1
+    latents = noise.clone()
+    gt_velocity = (latents - clean) * cond_mask
+    for t in sched.timesteps:
+        sigma = (torch.tensor(int(t)) * 0.001).expand(1)
+        in_latents = cond_mask * clean + (1 - cond_mask) * latents
+        v = gt_velocity + net(in_latents, sigma, emb, cond_mask) * (1 - cond_mask)
+        v_neg = gt_velocity + net(in_latents, sigma, neg, cond_mask) * (1 - cond_mask)
+        v = v + g_scale * (v - v_neg)
+        latents = sched.step(v, t, latents, return_dict=False)[0]
+    assert rel_err(ours, latents) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# noise
+
+
+def test_initial_noise_is_numpys_stream():
+    shape = (1, 16, 3, 4, 6)
+    noise = initial_noise(7, shape)
+    assert noise.dtype == torch.float32 and noise.shape == shape
+    rs = np.random.RandomState(7)
+    assert np.array_equal(noise.numpy(), rs.standard_normal(shape).astype(np.float32))
+    assert torch.equal(initial_noise(7, shape), noise) and not torch.equal(initial_noise(8, shape), noise)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inputs: JSON batches, command line, files
+
+
+def cli_defaults(**kw):
+    fields = dict(name="", prompt="", input_path=None, num_cond_frames=0, negative_prompt=DEFAULT_NEGATIVE_PROMPT,
+                  seed=1, guidance=7.0, resolution=(704, 1280), num_frames=93)
+    fields.update(kw)
+    return sample.Sample(**fields)
+
+
+def write_json(tmp_path, obj, name="batch.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def test_json_batch_reference_format(tmp_path):
+    (tmp_path / "robot.jpg").write_bytes(b"x")
+    (tmp_path / "p.txt").write_text("  A video of sks teal robot.\n")
+    path = write_json(tmp_path, {
+        "inference_type": "image2world",
+        "samples": {"a": {"prompt": "inline", "prompt_path": "p.txt", "input_path": "robot.jpg"},
+                    "b": {"prompt": "second", "input_path": "robot.jpg"}},
+        "seed": 0, "guidance": 3, "num_output_frames": 93, "resolution": "432,768", "negative_prompt": "bad"})
+    a, b = parse_batch_file(path, cli_defaults())
+    assert (a.name, a.prompt, b.prompt) == ("a", "A video of sks teal robot.", "second")  # prompt_path wins
+    assert a.input_path == tmp_path / "robot.jpg" and a.num_cond_frames == 1
+    assert (a.seed, a.guidance, a.resolution, a.num_frames, a.negative_prompt) == (0, 3, (432, 768), 93, "bad")
+
+    # fields left out come from the command line; "none" resolution means the default
+    path = write_json(tmp_path, {"inference_type": "text2world", "samples": {"t": {"prompt": "p"}},
+                                 "resolution": "none"})
+    (t,) = parse_batch_file(path, cli_defaults(seed=5, guidance=0.0, num_frames=9, resolution=(64, 96)))
+    assert (t.num_cond_frames, t.seed, t.guidance, t.num_frames, t.resolution) == (0, 5, 0.0, 9, (64, 96))
+    assert t.negative_prompt == DEFAULT_NEGATIVE_PROMPT and t.input_path is None
+
+
+def test_json_unknown_fields_list_the_known_ones(tmp_path):
+    path = write_json(tmp_path, {"inference_type": "text2world", "samples": {"t": {"prompt": "p"}}, "num_steps": 3})
+    with pytest.raises(ValueError, match="unknown field.*num_steps.*known fields: inference_type, samples, "
+                                         "negative_prompt, seed, guidance, resolution, num_output_frames"):
+        parse_batch_file(path, cli_defaults())
+    path = write_json(tmp_path, {"inference_type": "text2world", "samples": {"t": {"prompt": "p", "promt": "x"}}})
+    with pytest.raises(ValueError, match="sample 't'.*unknown field.*promt.*known fields: prompt, prompt_path, "
+                                         "input_path"):
+        parse_batch_file(path, cli_defaults())
+
+
+@pytest.mark.parametrize("batch,error", [
+    ({"samples": {"t": {"prompt": "p"}}}, "missing required field 'inference_type'"),
+    ({"inference_type": "world2text", "samples": {"t": {"prompt": "p"}}}, "inference_type must be one of"),
+    ({"inference_type": "text2world", "samples": {}}, "non-empty"),
+    ({"inference_type": "image2world", "samples": {"a": {"prompt": "p"}}}, "image2world needs an input_path"),
+    ({"inference_type": "image2world", "samples": {"a": {"prompt": "p", "input_path": "nope.jpg"}}},
+     "nope.jpg does not exist"),
+    ({"inference_type": "video2world", "samples": {"a": {"prompt": "p", "input_path": "img.png"}}},
+     "video2world needs a video"),
+    ({"inference_type": "text2world", "samples": {"a": {"prompt": "p", "input_path": "img.png"}}},
+     "text2world takes no input_path"),
+    ({"inference_type": "text2world", "samples": {"a": {}}}, "needs a string 'prompt' or a 'prompt_path'"),
+    ({"inference_type": "text2world", "samples": {"a": {"prompt_path": "nope.txt"}}}, "nope.txt does not exist"),
+    ({"inference_type": "text2world", "samples": {"a": {"prompt": "p"}}, "resolution": "700,1280"},
+     "multiples of 16"),
+    ({"inference_type": "text2world", "samples": {"a": {"prompt": "p"}}, "resolution": "704x1280"}, "'H,W'"),
+    ({"inference_type": "text2world", "samples": {"a": {"prompt": "p"}}, "num_output_frames": 90}, "1 \\+ 4k"),
+    ({"inference_type": "text2world", "samples": {"a": {"prompt": "p"}}, "guidance": -1}, "guidance"),
+    ({"inference_type": "text2world", "samples": {"a": {"prompt": "p"}}, "seed": "1"}, "seed must be an integer"),
+])
+def test_json_errors(tmp_path, batch, error):
+    (tmp_path / "img.png").write_bytes(b"x")
+    with pytest.raises((ValueError, FileNotFoundError), match=error):
+        parse_batch_file(write_json(tmp_path, batch), cli_defaults())
+
+
+def test_json_not_json(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read the batch file .*bad.json"):
+        parse_batch_file(path, cli_defaults())
+
+
+def args_for(argv):
+    return sample.build_parser().parse_args(argv + ["--ckpt", "c.pt", "--vae", "v.pth", "--text_encoder", "te"])
+
+
+def test_command_line_samples(tmp_path):
+    img = tmp_path / "in.png"
+    img.write_bytes(b"x")
+    vid = tmp_path / "in.mp4"
+    vid.write_bytes(b"x")
+    (s,) = sample.samples_from_args(args_for(["--prompt", "p", "--image", str(img), "-o", "out.mp4", "--seed", "3"]))
+    assert (s.name, s.num_cond_frames, s.input_path, s.seed, s.guidance) == ("out", 1, img, 3, 7.0)
+    (s,) = sample.samples_from_args(args_for(["--prompt", "p", "--video", str(vid), "-o", "x.mp4",
+                                              "--resolution", "64,96", "--num_frames", "9"]))
+    assert (s.num_cond_frames, s.resolution, s.num_frames) == (2, (64, 96), 9)
+    (s,) = sample.samples_from_args(args_for(["--prompt", "p", "-o", "x.mp4", "--guidance", "0"]))
+    assert (s.num_cond_frames, s.input_path, s.guidance) == (0, None, 0.0)
+
+
+@pytest.mark.parametrize("argv,error", [
+    (["--prompt", "p", "--resolution", "700,1280"], "multiples of 16"),
+    (["--prompt", "p", "--num_frames", "92"], "1 \\+ 4k"),
+    (["--prompt", "p", "--image", "missing.png"], "missing.png does not exist"),
+    (["--prompt", "p", "--video", "missing.mp4"], "missing.mp4 does not exist"),
+    (["--prompt", "p", "--steps", "0"], "--steps"),
+    (["--prompt", "p", "--guidance", "-2"], "guidance"),
+    ([], "give --prompt"),
+    (["--prompt", "p", "-i", "b.json"], "-i takes the prompts"),
+])
+def test_command_line_errors(argv, error):
+    with pytest.raises((ValueError, FileNotFoundError), match=error):
+        sample.samples_from_args(args_for(argv + ["-o", "out.mp4"]))
+
+
+def test_existing_output_is_not_overwritten(tmp_path):
+    out = tmp_path / "out.mp4"
+    out.write_bytes(b"old")
+    args = args_for(["--prompt", "p", "-o", str(out)])
+    samples = sample.samples_from_args(args)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        sample.output_paths(args, samples)
+    args = args_for(["--prompt", "p", "-o", str(out), "--overwrite"])
+    assert sample.output_paths(args, samples) == {"out": out}
+
+
+def test_main_checks_before_loading_anything(tmp_path):
+    """Bad input fails with a clear error before any network is read (the checkpoints here are not even there)."""
+    with pytest.raises(ValueError, match="multiples of 16"):
+        sample.main(["--prompt", "p", "-o", str(tmp_path / "o.mp4"), "--ckpt", "c.pt", "--vae", "v.pth",
+                     "--text_encoder", "te", "--resolution", "100,100"])
+    with pytest.raises(FileNotFoundError, match="c.pt does not exist"):
+        sample.main(["--prompt", "p", "-o", str(tmp_path / "o.mp4"), "--ckpt", "c.pt", "--vae", "v.pth",
+                     "--text_encoder", "te"])
+
+
+def test_lora_spec(tmp_path):
+    f = tmp_path / "adapter.safetensors"
+    f.write_bytes(b"x")
+    assert sample.parse_lora_spec(f"{f}:0.5") == (f, 0.5)
+    assert sample.parse_lora_spec(str(f)) == (f, 1.0)
+    with pytest.raises(FileNotFoundError, match="nope.safetensors does not exist"):
+        sample.parse_lora_spec(str(tmp_path / "nope.safetensors") + ":2")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# conditioning pixels
+
+
+def test_condition_frames_take_the_last_frames_of_a_video(tmp_path):
+    from prep_data import write_video
+
+    T, h, w = 7, 16, 24
+    video = np.repeat((np.arange(T, dtype=np.uint8) * 30 + 20).reshape(T, 1, 1, 1), 3, axis=3)
+    video = np.ascontiguousarray(np.broadcast_to(video, (T, h, w, 3)))  # frame index in the brightness
+    path = tmp_path / "v.mp4"
+    write_video(path, video)
+    s = cli_defaults(name="v", input_path=path, num_cond_frames=2, resolution=(16, 16))
+    frames = sample.read_condition_frames(s)
+    assert frames.shape == (5, 16, 16, 3) and frames.dtype == np.uint8
+    assert np.allclose(frames[:, 8, 8, 0], [80, 110, 140, 170, 200], atol=3)  # H.264 is lossy
+    s.num_cond_frames = 1
+    assert np.allclose(frames[-1:, 8, 8, 0], sample.read_condition_frames(s)[:, 8, 8, 0], atol=1)
+
+    write_video(tmp_path / "short.mp4", video[:4])
+    s = cli_defaults(name="short", input_path=tmp_path / "short.mp4", num_cond_frames=2, resolution=(16, 16))
+    with pytest.raises(ValueError, match="short.mp4 has 4 frame.*video2world needs at least 5"):
+        sample.read_condition_frames(s)
+    (tmp_path / "text.mp4").write_text("not a video")
+    s = cli_defaults(name="t", input_path=tmp_path / "text.mp4", num_cond_frames=2, resolution=(16, 16))
+    with pytest.raises(ValueError, match="text.mp4"):
+        sample.read_condition_frames(s)
+
+
+def test_condition_frame_of_an_image(tmp_path):
+    from PIL import Image
+
+    image = np.random.RandomState(0).randint(0, 256, (16, 40, 4), dtype=np.uint8)  # RGBA: alpha dropped
+    Image.fromarray(image, "RGBA").save(tmp_path / "i.png")
+    s = cli_defaults(name="i", input_path=tmp_path / "i.png", num_cond_frames=1, resolution=(16, 32))
+    frames = sample.read_condition_frames(s)
+    # scale max(32/40, 16/16) = 1: no resampling, a centered 32-wide crop starting at column 4
+    assert np.array_equal(frames[0], image[:, 4:36, :3])
+    s.resolution = (32, 64)  # scaled x2 to 32x80, then cropped
+    assert sample.read_condition_frames(s).shape == (1, 32, 64, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading the DiT with adapters (tiny preset)
+
+
+def tiny_dit(rank=4, alpha=4, seed=0):
+    from lora import inject_lora
+    from model import DIT_PRESETS, DiT
+
+    torch.manual_seed(seed)
+    net = DiT(DIT_PRESETS["tiny"])
+    inject_lora(net, rank=rank, alpha=alpha)
+    with torch.no_grad():
+        for p in net.parameters():  # every weight random, so that every one of them shows in the output
+            p.normal_(0, 0.05)
+    return net.eval()
+
+
+def dit_output(net):
+    g = torch.Generator().manual_seed(9)
+    x, emb = torch.randn(1, 16, 2, 8, 8, generator=g), torch.randn(1, 5, 256, generator=g)
+    mask = torch.zeros(1, 1, 2, 8, 8)
+    mask[:, :, :1] = 1
+    with torch.no_grad():
+        return net(x, torch.tensor([0.6]), emb, condition_mask=mask)
+
+
+def save_checkpoint(net, path):
+    torch.save({"net." + k: v for k, v in net.state_dict().items()}, path)
+    return path
+
+
+def test_load_dit_with_the_checkpoints_adapter(tmp_path):
+    net = tiny_dit(rank=4, alpha=4)
+    path = save_checkpoint(net, tmp_path / "model_ema_bf16.pt")
+    loaded = sample.load_dit(path, [], False, torch.device("cpu"))
+    assert torch.allclose(dit_output(loaded), dit_output(net), rtol=1e-6, atol=1e-6)
+    merged = sample.load_dit(path, [], True, torch.device("cpu"))
+    assert torch.allclose(dit_output(merged), dit_output(net), rtol=1e-5, atol=1e-5)
+
+    # alpha is not in the file: alpha = rank unless a training config says otherwise
+    net8 = tiny_dit(rank=4, alpha=8)
+    path8 = save_checkpoint(net8, tmp_path / "alpha8.pt")
+    config = tmp_path / "lora.py"
+    config.write_text("dit_preset = 'tiny'\nlora_rank = 4\nlora_alpha = 8\n")
+    assert torch.allclose(dit_output(sample.load_dit(path8, [], False, torch.device("cpu"), config)),
+                          dit_output(net8), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(dit_output(sample.load_dit(path8, [], False, torch.device("cpu"))),
+                              dit_output(net8), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("layout", ["ours", "diffusers"])
+def test_load_dit_with_extra_adapters(tmp_path, layout):
+    from safetensors.torch import save_file
+
+    from convert import dit_key_to_diffusers
+    from lora import inject_lora, load_lora_state_dict, lora_state_dict, set_adapter_scale
+
+    net = tiny_dit()
+    path = save_checkpoint(net, tmp_path / "model_ema_bf16.pt")
+    extra = lora_state_dict(tiny_dit(rank=2, alpha=2, seed=1))  # a second adapter, keys `...lora_A.default.weight`
+    if layout == "diffusers":
+        file_tensors = {"transformer." + dit_key_to_diffusers(k): v for k, v in extra.items()}
+    else:
+        file_tensors = extra
+    save_file({k: v.contiguous() for k, v in file_tensors.items()}, tmp_path / "extra.safetensors")
+
+    expected = tiny_dit()
+    inject_lora(expected, rank=2, alpha=2, adapter_name="extra")
+    load_lora_state_dict(expected, {k.replace(".default.", ".extra."): v for k, v in extra.items()}, "extra")
+    set_adapter_scale(expected, "extra", 0.5)
+
+    spec = [sample.parse_lora_spec(f"{tmp_path / 'extra.safetensors'}:0.5")]
+    loaded = sample.load_dit(path, spec, False, torch.device("cpu"))
+    assert torch.allclose(dit_output(loaded), dit_output(expected), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(dit_output(loaded), dit_output(net), rtol=1e-3, atol=1e-3)
+    merged = sample.load_dit(path, spec, True, torch.device("cpu"))
+    assert torch.allclose(dit_output(merged), dit_output(expected), rtol=1e-4, atol=1e-5)
+
+
+def test_adapter_for_another_model_size(tmp_path):
+    from safetensors.torch import save_file
+
+    from lora import inject_lora, lora_state_dict
+    from model import DIT_PRESETS, DiT
+
+    path = save_checkpoint(tiny_dit(), tmp_path / "model_ema_bf16.pt")
+    other = DiT(DIT_PRESETS["tiny"].__class__(**{**DIT_PRESETS["tiny"].__dict__, "model_channels": 64}))
+    inject_lora(other, rank=2, alpha=2)
+    save_file({k: v.contiguous() for k, v in lora_state_dict(other).items()}, tmp_path / "other.safetensors")
+    with pytest.raises(KeyError, match="other.safetensors.*another model size"):
+        sample.load_dit(path, [(tmp_path / "other.safetensors", 1.0)], False, torch.device("cpu"))

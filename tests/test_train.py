@@ -1,0 +1,231 @@
+"""train.py on the CPU: the objective, learning, exact resume, crash-safe checkpoints, and two gloo ranks."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from convert import read_dcp
+from prep_data import build_cache, write_synthetic_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class PoolVAE(torch.nn.Module):
+    """A stand-in encoder with the Wan VAE's shape behaviour (frame 0 alone, then 4 frames per latent frame,
+    8x8 spatial); the training tests need latents, not a real VAE (that one is tested in test_vae.py)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(3, 16)
+
+    def encode(self, video):
+        video = torch.cat([video[:, :, :1].repeat(1, 1, 4, 1, 1), video], dim=2)
+        pooled = torch.nn.functional.avg_pool3d(video, (4, 8, 8))
+        return 3 * self.proj(pooled.movedim(1, -1)).movedim(-1, 1)
+
+
+class HashTextEncoder:
+    """Deterministic random embeddings per caption, [1, 8, 256] (the tiny DiT's projection input)."""
+
+    def encode(self, captions):
+        g = torch.Generator().manual_seed(sum(map(ord, captions[0])))
+        return torch.randn(1, 8, 256, generator=g)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_synthetic_dataset(root / "robot", num_videos=2, num_frames=17, size=(32, 32))
+    return build_cache(root / "robot", PoolVAE(), HashTextEncoder(), "pool", "hash", num_frames=17,
+                       video_size=(32, 32)).parent
+
+
+def run_train(out, cache_dir, *overrides, nproc=1, check=True):
+    args = ["dit_preset='tiny'", "dtype='float32'", f"cache_dir='{cache_dir}'", f"out_dir='{out}'",
+            "num_workers=0", "wandb=False", "val_iter=0", "logging_iter=2", "lr=1e-3", "warmup_steps=0",
+            "grad_clip=1.0", *overrides]
+    launcher = [sys.executable, "train.py"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+        "train.py"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(launcher + args, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ckpt(out, step, name="run"):
+    return Path(out) / name / "checkpoints" / f"iter_{step:09d}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The objective
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_sigma_distribution_matches_the_reference():
+    sigma = train.sample_sigma(200_000, torch.Generator().manual_seed(0), "cpu").numpy()
+    q = np.quantile(sigma, [0.05, 0.25, 0.5, 0.75, 0.95])
+    assert np.allclose(q, [0.49, 0.72, 0.83, 0.91, 0.96], atol=0.01), q
+    assert abs(sigma.mean() - 0.795) < 0.005
+    grid = 5 * (np.arange(1, 1001) / 1000) / (1 + 4 * (np.arange(1, 1001) / 1000))
+    assert np.isin(np.round(sigma, 5), np.round(grid.astype(np.float32), 5)).all()  # on the 1,000-step grid
+
+
+class RecordingModel(torch.nn.Module):
+    """Returns a fixed random 'prediction' and records what the objective fed it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, sigma, text, condition_mask=None):
+        self.calls.append((x.clone(), sigma.clone(), text.clone(), condition_mask.clone()))
+        return torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+
+
+def test_conditioning_frames_carry_the_clean_latent_and_no_loss():
+    x0 = torch.randn(64, 16, 4, 2, 2)
+    text = torch.randn(64, 3, 8)
+    model = RecordingModel()
+    per_sample, n_cond = train.flow_matching_loss(model, x0, text, torch.Generator().manual_seed(0))
+    x_t, sigma, text_in, mask = model.calls[0]
+    assert set(n_cond.tolist()) == {0, 1, 2}
+    for b in range(64):
+        n = int(n_cond[b])
+        assert (mask[b, 0, :n] == 1).all() and (mask[b, 0, n:] == 0).all()
+        assert torch.equal(x_t[b, :, :n], x0[b, :, :n])  # clean latents on the conditioning frames
+        assert not torch.allclose(x_t[b, :, n:], x0[b, :, n:])
+    # the loss ignores whatever the network says on conditioning frames
+    pred = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    eps = (x_t - (1 - sigma[:, None, None, None, None]) * x0) / sigma[:, None, None, None, None]
+    target = eps - x0
+    for b in range(64):
+        n = int(n_cond[b])
+        frames = x0.shape[2]
+        expected = ((pred[b, :, n:] - target[b, :, n:]) ** 2).sum() / (x0[b].numel())
+        assert torch.allclose(per_sample[b], expected, rtol=1e-4), b
+    # caption dropout zeroes whole embeddings, about 20% of them
+    dropped = (text_in.abs().sum(dim=(1, 2)) == 0).float().mean()
+    assert 0.05 < dropped < 0.4
+
+
+def test_lr_schedule_and_ema_match_the_reference():
+    assert train.lr_multiplier(0) == pytest.approx(1e-6)
+    assert train.lr_multiplier(1000) == pytest.approx(1e-6 + (0.5 - 1e-6) / 2)
+    assert train.lr_multiplier(2000) == pytest.approx(0.5)
+    assert train.lr_multiplier(51000) == pytest.approx(0.2 + 0.3 * 49000 / 98000)
+    assert train.ema_beta(0) == 0.0
+    assert train.ema_beta(10) == pytest.approx(0.469, abs=1e-3)
+    assert train.ema_beta(100) == pytest.approx(0.924, abs=1e-3)
+    assert train.ema_beta(1000) == pytest.approx(0.992, abs=1e-3)
+
+
+def test_config_rejects_unknown_keys_and_wrong_types(tmp_path):
+    for bad, message in (("lora_rnk=4", "unknown config key 'lora_rnk'"), ("lora_rank='x'", "must be int")):
+        result = subprocess.run([sys.executable, "train.py", bad], cwd=REPO, capture_output=True, text=True)
+        assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Training runs
+# ------------------------------------------------------------------------------------------------------------
+
+
+def held_out_loss(cache_dir, lora=None):
+    """Mean denoising loss of the tiny base (+ adapter) on the cached clips with fixed noise."""
+    from lora import inject_lora, load_lora_state_dict
+    from model import DIT_PRESETS, DiT
+    from prep_data import CachedDataset
+
+    torch.manual_seed(0)  # train.py's random base for seed 0
+    model = DiT(DIT_PRESETS["tiny"])
+    if lora is not None:
+        inject_lora(model, rank=32, alpha=32)
+        load_lora_state_dict(model, lora)
+    data = CachedDataset(cache_dir)
+    losses = []
+    with torch.no_grad():
+        for i in range(len(data)):
+            item = data[i]
+            for k in range(8):
+                g = torch.Generator().manual_seed(k)
+                per_sample, _ = train.flow_matching_loss(model, item["latents"][None].float(),
+                                                         item["text_emb"][None].float(), g)
+                losses.append(per_sample.item())
+    return float(np.mean(losses))
+
+
+def test_loss_falls_and_only_lora_changes(cache, tmp_path):
+    run_train(tmp_path, cache, "max_iter=40", "save_iter=40", "caption_dropout=0.0")
+    ema = read_dcp(ckpt(tmp_path, 40), "ema")
+    model_sd = read_dcp(ckpt(tmp_path, 40), "model")
+    assert set(model_sd) == set(ema) and all(".lora_" in k for k in model_sd)  # nothing else is trainable
+    train.caption_dropout = 0.0
+    before, after = held_out_loss(cache), held_out_loss(cache, model_sd)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_resume_is_exact(cache, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_train(straight, cache, "max_iter=4", "save_iter=2")
+    run_train(resumed, cache, "max_iter=2", "save_iter=2")
+    run_train(resumed, cache, "max_iter=4", "save_iter=2")
+    for section in ("model", "ema"):
+        a, b = read_dcp(ckpt(straight, 4), section), read_dcp(ckpt(resumed, 4), section)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (section, k)
+
+
+KILL_IN_SAVE = """
+import os, signal, sys
+import train
+real_save = train.dcp.save
+def save_then_die(state, checkpoint_id):
+    if checkpoint_id.endswith("iter_000000004.partial"):
+        real_save({"model": state["model"]}, checkpoint_id=checkpoint_id)  # half of the files, then killed
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(state, checkpoint_id=checkpoint_id)
+train.dcp.save = save_then_die
+train.main(sys.argv[1:])
+"""
+
+
+def test_kill_during_save_keeps_latest_on_the_previous_checkpoint(cache, tmp_path):
+    args = ["dit_preset='tiny'", "dtype='float32'", f"cache_dir='{cache}'", f"out_dir='{tmp_path}'",
+            "num_workers=0", "wandb=False", "val_iter=0", "max_iter=6", "save_iter=2"]
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_SAVE, *args], cwd=REPO, capture_output=True, text=True)
+    assert killed.returncode == -9
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "latest_checkpoint.txt").read_text().strip() == "iter_000000002"
+    assert (checkpoints / "iter_000000004.partial").exists() and not ckpt(tmp_path, 4).exists()
+    result = run_train(tmp_path, cache, "max_iter=6", "save_iter=2")
+    assert "resumed from" in result.stdout and "iteration 2" in result.stdout
+    assert (checkpoints / "latest_checkpoint.txt").read_text().strip() == "iter_000000006"
+
+
+def test_two_gloo_ranks_train_and_resume_on_one(cache, tmp_path):
+    run_train(tmp_path, cache, "max_iter=2", "save_iter=2", nproc=2)
+    result = run_train(tmp_path, cache, "max_iter=3", "save_iter=3")
+    assert "iteration 2" in result.stdout
+    assert ckpt(tmp_path, 3).exists()
+
+
+def test_missing_base_checkpoint_fails_before_work(cache, tmp_path):
+    result = run_train(tmp_path, cache, "base_checkpoint='/nonexistent/base.pt'", "max_iter=1", check=False)
+    assert result.returncode != 0 and "/nonexistent/base.pt" in result.stderr

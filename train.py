@@ -1,0 +1,540 @@
+"""LoRA (or full) post-training of the Cosmos-Predict2.5 DiT with rectified flow.
+
+    python train.py configs/demo.py                                      # one process (CPU: gloo)
+    torchrun --nproc_per_node=8 train.py configs/nemo_lora.py [key=value ...]
+
+The defaults below are the reference LoRA recipe; a config file of plain assignments overrides them and
+`key=value` arguments override the file. One script for 1..N processes: FSDP2 `fully_shard` per block, bf16
+compute with fp32 LoRA master weights, AdamW, power EMA, DCP checkpoints that resume on any number of ranks.
+"""
+
+import ast
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config: defaults (the reference recipe `predict2_lora_training_2b_cosmos_nemo_assets`), overridden by a file,
+# then by key=value arguments.
+# ----------------------------------------------------------------------------------------------------------------
+name = "run"
+out_dir = "outputs"
+# model
+dit_preset = "cosmos_2b"
+base_checkpoint = ""  # official *_ema_bf16.pt (or model.pt); "" = random init (benchmarks only)
+dtype = "bfloat16"  # compute dtype of the frozen base; LoRA master weights and optimizer state stay fp32
+attention_backend = "triton"  # "triton" (our kernel on CUDA) or "sdpa"
+activation_checkpointing = "selective"  # "none" | "full" | "selective" (keeps attention outputs)
+# data
+dataset_dir = "datasets/cosmos_nemo_assets"
+cache_dir = ""  # a `prep_data.py cache` folder; "" = decode and encode videos online
+vae_checkpoint = ""  # tokenizer.pth, for online encoding and validation videos
+text_encoder = ""  # Cosmos-Reason1 folder, for online encoding and validation prompts
+num_frames = 93
+video_size = (704, 1280)
+batch_size = 1  # per rank
+num_workers = 4
+caption_dropout = 0.2  # whole text embedding zeroed with this probability
+# LoRA
+use_lora = True
+lora_rank = 32
+lora_alpha = 32
+lora_target_modules = "q_proj,k_proj,v_proj,output_proj,mlp.layer1,mlp.layer2"
+# rectified flow with conditioning frames
+shift = 5.0
+min_num_conditional_frames = 0
+max_num_conditional_frames = 2
+conditional_frames_probs = {0: 0.333, 1: 0.333, 2: 0.334}
+# optimisation: AdamW, LambdaLinear warm-up schedule (multiplier on lr), grad clip, power EMA
+lr = 2 ** -14.5
+weight_decay = 1e-3
+betas = (0.9, 0.999)
+eps = 1e-8
+warmup_steps = 2000
+f_start = 1e-6
+f_max = 0.5
+f_min = 0.2
+cycle_length = 100_000
+grad_clip = 0.1
+ema_rate = 0.1
+max_iter = 1000
+# logging and checkpoints
+logging_iter = 100
+save_iter = 200
+keep_last = 3
+resume = ""  # a checkpoint folder to start from; by default the run's latest checkpoint, if any
+seed = 0
+wandb = True
+wandb_project = "cosmos-lora"
+# validation samples (all ranks take part; needs vae_checkpoint and text_encoder)
+val_iter = 200
+val_prompts = ["A video of sks teal robot."]
+val_num_frames = 29
+val_steps = 35
+val_guidance = 7.0
+
+CONFIG_KEYS = [k for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(
+    v, (int, float, str, bool, tuple, list, dict))]
+
+
+def load_config(argv):
+    """Apply a config file (plain assignments) and key=value overrides to the module globals, strictly."""
+    defaults = {k: globals()[k] for k in CONFIG_KEYS}
+    overrides = {}
+    if argv and not argv[0].count("="):
+        path = Path(argv.pop(0))
+        if not path.is_file():
+            raise SystemExit(f"config file {path} does not exist")
+        scope = {}
+        exec(compile(path.read_text(), str(path), "exec"), scope)
+        overrides.update({k: v for k, v in scope.items() if not k.startswith("__")})
+    for arg in argv:
+        key, sep, text = arg.partition("=")
+        if not sep:
+            raise SystemExit(f"argument {arg!r} is not key=value")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare word is a string
+        overrides[key] = value
+    for key, value in overrides.items():
+        if key not in defaults:
+            raise SystemExit(f"unknown config key {key!r}; known keys: {', '.join(sorted(defaults))}")
+        want = type(defaults[key])
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if want is tuple and isinstance(value, list):
+            value = tuple(value)
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise SystemExit(f"config key {key!r} must be {want.__name__}, got {value!r} ({type(value).__name__})")
+        globals()[key] = value
+    return {k: globals()[k] for k in CONFIG_KEYS}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The objective (reference: rectified flow, logit-normal sigma on the 1,000-step grid, frame-replace conditioning)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sample_sigma(batch, generator, device):
+    """u ~ sigmoid(N(0,1)), snapped to the 1,000-step training grid, then shifted: sigma = s*b / (1 + (s-1)*b)."""
+    u = torch.sigmoid(torch.randn(batch, generator=generator, device=device))
+    idx = (u * 1000).long().clamp(max=999)
+    base = (1000 - idx).double() / 1000
+    return (shift * base / (1 + (shift - 1) * base)).float()  # [B]
+
+
+def sample_num_conditional_frames(batch, latent_frames, generator):
+    """How many leading latent frames are given clean: 0 (text2world), 1 (image2world), 2 (video2world)."""
+    choices = [n for n in sorted(conditional_frames_probs)
+               if min_num_conditional_frames <= n <= max_num_conditional_frames]
+    probs = torch.tensor([float(conditional_frames_probs[n]) for n in choices], device=generator.device)
+    picks = torch.multinomial(probs, batch, replacement=True, generator=generator)
+    n_cond = torch.tensor(choices, device=generator.device)[picks]
+    return n_cond if latent_frames > 1 else torch.zeros_like(n_cond)  # an image gets no conditioning frame
+
+
+def flow_matching_loss(model, x0, text_emb, generator):
+    """x_t = sigma*eps + (1-sigma)*x0 on the generated frames, x0 on the conditioning frames (flagged in the mask
+    channel); the network predicts v = eps - x0; its output on conditioning frames is replaced by the target.
+    Returns the mean squared error per sample [B] and the number of conditioning frames [B]."""
+    B, C, T, H, W = x0.shape
+    device = x0.device
+    x0 = x0.float()
+    sigma = sample_sigma(B, generator, device)  # [B]
+    eps_noise = torch.randn(x0.shape, generator=generator, device=device)  # [B,C,T,H,W]
+    n_cond = sample_num_conditional_frames(B, T, generator)  # [B]
+    cond_mask = (torch.arange(T, device=device)[None, :] < n_cond[:, None]).float()  # [B,T]
+    cond_mask = cond_mask[:, None, :, None, None].expand(B, 1, T, H, W)  # [B,1,T,H,W]
+    s = sigma[:, None, None, None, None]
+    x_t = s * eps_noise + (1 - s) * x0
+    x_t = cond_mask * x0 + (1 - cond_mask) * x_t
+    keep_text = (torch.rand(B, generator=generator, device=device) >= caption_dropout).float()
+    text_emb = text_emb * keep_text[:, None, None].to(text_emb.dtype)
+    target = eps_noise - x0
+    v_pred = model(x_t, sigma, text_emb, condition_mask=cond_mask).float()  # [B,C,T,H,W]
+    v_pred = cond_mask * target + (1 - cond_mask) * v_pred
+    return ((v_pred - target) ** 2).mean(dim=(1, 2, 3, 4)), n_cond
+
+
+def lr_multiplier(step):
+    """The reference's LambdaLinear schedule: linear warm-up f_start -> f_max, then linear decay to f_min."""
+    if step < warmup_steps:
+        return f_start + (f_max - f_start) * step / warmup_steps
+    return f_min + (f_max - f_min) * max(cycle_length - step, 0) / (cycle_length - warmup_steps)
+
+
+def ema_beta(step):
+    """Power EMA (Karras et al. 2024): beta = (1 - 1/(step+1))^(gamma+1), where gamma is the largest real root of
+    x^3 + 7x^2 + (16 - s^-2)x + (12 - s^-2) for the relative width s = ema_rate (gamma = 6.937 for s = 0.1)."""
+    if step < 1:
+        return 0.0
+    roots = np.roots([1.0, 7.0, 16 - ema_rate ** -2, 12 - ema_rate ** -2])
+    gamma = max(r.real for r in roots if abs(r.imag) < 1e-9)
+    return (1 - 1 / (step + 1)) ** (gamma + 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Setup: processes, model, data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def init_distributed():
+    """torchrun sets RANK/WORLD_SIZE; a plain `python train.py` is a world of one. NCCL on GPU, gloo on CPU."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def file_fingerprint(path):
+    """Cheap identity of a (multi-GB) base checkpoint: size plus hashes of its first and last MiB."""
+    path = Path(path)
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(path.stat().st_size - (1 << 20), 0))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def build_model(device):
+    """The DiT with base weights loaded strictly (before LoRA is injected), LoRA in fp32, everything else frozen."""
+    from lora import inject_lora, mark_only_lora_trainable
+    from model import DIT_PRESETS, DiT
+
+    cfg = dataclasses.replace(DIT_PRESETS[dit_preset], attention_backend=attention_backend)
+    if base_checkpoint:
+        model = DiT.from_pretrained(base_checkpoint, cfg=cfg, device=device, dtype=torch.float32)
+    else:
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = DiT(cfg)
+    model.activation_checkpointing = activation_checkpointing
+    compute_dtype = getattr(torch, dtype)
+    if use_lora:
+        model.to(compute_dtype)
+        inject_lora(model, lora_target_modules, rank=lora_rank, alpha=lora_alpha, dtype=torch.float32)
+        mark_only_lora_trainable(model)
+    else:
+        model.requires_grad_(True)  # full fine-tuning: fp32 master weights, bf16 compute through FSDP's policy
+    return model
+
+
+def shard_model(model):
+    """FSDP2: every block, then the root. Parameters are gathered in the compute dtype, gradients reduced in fp32."""
+    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
+    for i, block in enumerate(model.blocks):
+        fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(model.blocks) - 1)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def build_data(rank, world_size, device, start_position):
+    """Batches of (latents [B,16,T,H,W], text embeddings [B,L,D]); from the cache, or encoded online."""
+    from prep_data import CachedDataset, CachedSampler, VideoDataset
+
+    if cache_dir:
+        dataset = CachedDataset(cache_dir)
+        encode = None
+    else:
+        dataset = VideoDataset(dataset_dir, num_frames, video_size, seed=seed + rank)
+        encode = OnlineEncoder(dataset, device)
+    sampler = CachedSampler(len(dataset), seed=seed, rank=rank, world_size=world_size)
+    sampler.position = start_position
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                         pin_memory=device.type == "cuda", collate_fn=collate,
+                                         worker_init_fn=seed_worker, persistent_workers=num_workers > 0)
+    for batch in loader:
+        if encode is not None:
+            batch = encode(batch)
+        yield batch["latents"].to(device, non_blocking=True), batch["text_emb"].to(device, non_blocking=True)
+
+
+def collate(items):
+    out = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return out
+
+
+def seed_worker(worker_id):
+    """Each loader worker draws its own clip windows (VideoDataset keeps a numpy generator)."""
+    info = torch.utils.data.get_worker_info()
+    if hasattr(info.dataset, "rng"):
+        info.dataset.rng = np.random.default_rng([seed, dist.get_rank(), worker_id])
+
+
+class OnlineEncoder:
+    """The reference's online path: the VAE encodes every clip; each unique caption is encoded once up front
+    (the frozen encoder is deterministic, so this equals encoding every step) and the text encoder is freed."""
+
+    def __init__(self, dataset, device):
+        from model import TextEncoder, WanVAE
+
+        if not vae_checkpoint or not text_encoder:
+            raise SystemExit("online encoding needs vae_checkpoint and text_encoder (or set cache_dir)")
+        encoder = TextEncoder.from_pretrained(text_encoder, device=device)
+        unique = sorted(set(dataset.captions))
+        self.text = {c: encoder.encode([c])[0].cpu() for c in unique}
+        del encoder
+        self.vae = WanVAE.from_pretrained(vae_checkpoint, device=device)
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, batch):
+        video = batch["video"].to(self.device).float() / 127.5 - 1  # uint8 [B,3,T,H,W] -> [-1,1]
+        latents = self.vae.encode(video.to(self.vae_dtype))
+        return {"latents": latents, "text_emb": torch.stack([self.text[c] for c in batch["caption"]])}
+
+    @property
+    def vae_dtype(self):
+        return next(self.vae.parameters()).dtype
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: torch.distributed.checkpoint, written to a temporary folder, renamed when complete, and only then
+# named in latest_checkpoint.txt (replaced atomically). Base weights are frozen, so only their path and
+# fingerprint are stored.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def trainable_state_dict(model):
+    """The trained parameters only (LoRA adapters, or everything when fine-tuning fully); no buffers."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    sd = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))
+    return {k: v for k, v in sd.items() if k in names}
+
+
+def checkpoint_state(model, optimizer, scheduler, ema, step):
+    return {"model": trainable_state_dict(model),
+            "ema": dict(ema),
+            "optim": get_optimizer_state_dict(model, optimizer),
+            "scheduler": scheduler.state_dict(),
+            "trainer": {"iteration": step}}
+
+
+def save_checkpoint(run_dir, model, optimizer, scheduler, ema, step, rank, meta):
+    ckpt_root = run_dir / "checkpoints"
+    final = ckpt_root / f"iter_{step:09d}"
+    partial = ckpt_root / f"iter_{step:09d}.partial"
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    dist.barrier()
+    dcp.save(checkpoint_state(model, optimizer, scheduler, ema, step), checkpoint_id=str(partial))
+    dist.barrier()
+    if rank == 0:
+        (partial / "meta.json").write_text(json.dumps(meta, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        latest_tmp = ckpt_root / "latest_checkpoint.txt.tmp"
+        latest_tmp.write_text(final.name + "\n")
+        os.replace(latest_tmp, ckpt_root / "latest_checkpoint.txt")
+        for old in sorted(ckpt_root.glob("iter_?????????"))[:-keep_last]:
+            shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
+def find_resume_checkpoint(run_dir):
+    if resume:
+        path = Path(resume)
+        if not (path / ".metadata").is_file():
+            raise SystemExit(f"resume={resume}: not a DCP checkpoint folder (no .metadata)")
+        return path
+    latest = run_dir / "checkpoints" / "latest_checkpoint.txt"
+    if latest.is_file():
+        path = latest.parent / latest.read_text().strip()
+        if not (path / ".metadata").is_file():
+            raise SystemExit(f"{latest} names {path}, which is not a complete checkpoint")
+        return path
+    return None
+
+
+def load_checkpoint(path, model, optimizer, scheduler, ema, meta):
+    saved_meta = json.loads((path / "meta.json").read_text())
+    for key in ("dit_preset", "base_fingerprint", "use_lora", "lora_rank", "lora_target_modules"):
+        if saved_meta.get(key) != meta.get(key):
+            raise SystemExit(f"checkpoint {path} was made with {key}={saved_meta.get(key)!r}, this run has "
+                             f"{meta.get(key)!r}")
+    state = checkpoint_state(model, optimizer, scheduler, ema, 0)
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["trainer"]["iteration"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation: a few short clips sampled with the EMA weights, by every rank (no rank-0-only collectives)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def validate(model, ema, step, run_dir, rank, world_size, device):
+    if not (vae_checkpoint and text_encoder):
+        if rank == 0 and step == val_iter:
+            print("validation skipped: set vae_checkpoint and text_encoder to sample validation videos")
+        return
+    import sample
+
+    swap_ema(model, ema)  # sample with the EMA weights, then swap back
+    try:
+        prompts = val_prompts[rank::world_size]
+        for i, prompt in enumerate(prompts):
+            sample.generate_to_file(
+                model, run_dir / "validation" / f"iter_{step:09d}_{rank * len(prompts) + i:02d}.mp4",
+                vae_checkpoint=vae_checkpoint, text_encoder=text_encoder, prompt=prompt, num_frames=val_num_frames,
+                resolution=video_size, steps=val_steps, guidance=val_guidance, seed=seed + i, device=device)
+    finally:
+        swap_ema(model, ema)
+    dist.barrier()
+
+
+@torch.no_grad()
+def swap_ema(model, ema):
+    params = dict(model.named_parameters())
+    for name, shadow in ema.items():
+        p = params[name]
+        tmp = p.detach().clone()
+        p.copy_(shadow)
+        shadow.copy_(tmp)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv):
+    config = load_config(argv)
+    rank, world_size, device = init_distributed()
+    run_dir = Path(out_dir) / name
+    if base_checkpoint and not Path(base_checkpoint).is_file():
+        raise SystemExit(f"base_checkpoint {base_checkpoint} does not exist")
+    if cache_dir and not (Path(cache_dir) / "manifest.json").is_file():
+        raise SystemExit(f"cache_dir {cache_dir} has no manifest.json (run `prep_data.py cache` first)")
+    if not cache_dir and not Path(dataset_dir).is_dir():
+        raise SystemExit(f"dataset_dir {dataset_dir} does not exist")
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        print(json.dumps(config, indent=2, default=str))
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+
+    model = shard_model(build_model(device))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                  fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier)
+    ema = {n: p.detach().clone().float() for n, p in zip(names, trainable)}
+    meta = {"dit_preset": dit_preset, "base_checkpoint": str(Path(base_checkpoint).resolve()) if base_checkpoint
+            else "", "base_fingerprint": file_fingerprint(base_checkpoint) if base_checkpoint else "random:"
+            f"{seed}", "use_lora": use_lora, "lora_rank": lora_rank, "lora_alpha": lora_alpha,
+            "lora_target_modules": lora_target_modules, "config": config}
+
+    step = 0
+    resume_from = find_resume_checkpoint(run_dir)
+    if resume_from is not None:
+        step = load_checkpoint(resume_from, model, optimizer, scheduler, ema, meta)
+        if rank == 0:
+            print(f"resumed from {resume_from} at iteration {step}")
+
+    data = build_data(rank, world_size, device, start_position=step * batch_size * world_size)
+    run = None
+    if wandb and rank == 0:
+        import wandb as wandb_lib
+
+        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        run = wandb_lib.init(project=wandb_project, name=name, config=config, dir=str(run_dir), mode=mode,
+                             resume="allow")
+    bar = tqdm(total=max_iter, initial=step, disable=rank != 0, dynamic_ncols=True)
+    mode_names = {0: "text2world", 1: "image2world", 2: "video2world"}
+    # per-mode sums of the per-sample loss and sample counts since the last log (the same shape on every rank)
+    window = torch.zeros(2, len(mode_names), device=device, dtype=torch.float64)
+    window_steps = 0
+    t_last = time.perf_counter()
+    while step < max_iter:
+        latents, text_emb = next(data)
+        # all randomness of a step comes from (seed, step, rank): resuming reproduces it on any number of GPUs
+        generator = torch.Generator(device).manual_seed(seed * 1_000_003 + step * 1009 + rank)
+        per_sample, n_cond = flow_matching_loss(model, latents, text_emb, generator)
+        loss = per_sample.mean()
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip, foreach=True)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            raise SystemExit(f"non-finite loss ({loss.item()}) or gradient norm ({grad_norm.item()}) at iteration "
+                             f"{step}; nothing was applied. Resume from the latest checkpoint, perhaps with a lower lr")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        beta = ema_beta(step)
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.values()), [p.detach().float() for p in trainable], 1 - beta)
+        step += 1
+
+        window[0].index_add_(0, n_cond, per_sample.detach().double())
+        window[1].index_add_(0, n_cond, torch.ones_like(per_sample, dtype=torch.float64))
+        window_steps += 1
+        if rank == 0:
+            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                            grad=f"{grad_norm.item():.3f}", mem=f"{mem:.1f}G")
+            bar.update(1)
+        if step % logging_iter == 0 or step == max_iter:
+            elapsed, t_last = time.perf_counter() - t_last, time.perf_counter()
+            dist.all_reduce(window)
+            sums, counts = window.tolist()
+            log = {"loss": sum(sums) / sum(counts)}
+            log.update({f"loss/{mode_names[n]}": s / c for n, (s, c) in enumerate(zip(sums, counts)) if c})
+            log.update(lr=scheduler.get_last_lr()[0], grad_norm=grad_norm.item(), sec_per_iter=elapsed / window_steps,
+                       samples_per_sec=sum(counts) / elapsed)
+            if device.type == "cuda":
+                log["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if run is not None:
+                run.log(log, step=step)
+            if rank == 0:
+                bar.write(f"iter {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in log.items()))
+            window.zero_()
+            window_steps = 0
+        if step % save_iter == 0 or step == max_iter:
+            path = save_checkpoint(run_dir, model, optimizer, scheduler, ema, step, rank, meta)
+            if rank == 0:
+                bar.write(f"saved {path}")
+        if val_iter and step % val_iter == 0:
+            validate(model, ema, step, run_dir, rank, world_size, device)
+    bar.close()
+    if run is not None:
+        run.finish()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
