@@ -462,18 +462,30 @@ class DiT(nn.Module):
         load_strict(self, state_dict, source, defaults)
 
 
-def load_checkpoint_file(path, prefix=None):
-    """Read a torch checkpoint memory-mapped (no second copy in RAM). With `prefix`, keep the keys under it
-    (prefix removed) and fail if there are none."""
+def read_tensor_file(path, what="checkpoint"):
+    """A flat dict of tensors from a torch file (memory-mapped: no second copy in RAM) or a .safetensors file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(path)
+        else:
+            obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{what} {path} is not a PyTorch checkpoint that torch.load(weights_only=True, mmap=True) "
+                         f"or safetensors can read: {type(e).__name__}: {e}") from None
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
+        raise ValueError(f"{what} {path}: expected a flat dict of tensors, got {type(obj).__name__}")
+    return obj
+
+
+def load_checkpoint_file(path, prefix=None):
+    """A DiT checkpoint's state dict; with `prefix` ("net." or "net_ema."), the keys under it with the prefix
+    removed (an error if there are none)."""
+    obj = read_tensor_file(path)
     if prefix is None:
         return obj
     state_dict = {k[len(prefix):]: v for k, v in obj.items() if k.startswith(prefix)}
@@ -885,18 +897,8 @@ class WanVAE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.bfloat16, cfg: WanVAEConfig | None = None):
-        """Strictly load `tokenizer.pth` (= Wan2.1_VAE.pth): a flat state dict, keys without prefix."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"Wan VAE checkpoint {path} does not exist")
-        try:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise ValueError(f"Wan VAE checkpoint {path} is not a PyTorch checkpoint that "
-                             f"torch.load(weights_only=True, mmap=True) can read: {type(e).__name__}: {e}") from e
-        if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-            raise ValueError(f"Wan VAE checkpoint {path}: expected a flat dict of tensors, "
-                             f"got {type(state_dict).__name__}")
+        """Strictly load `tokenizer.pth` (= Wan2.1_VAE.pth, or a .safetensors): a flat state dict, no key prefix."""
+        state_dict = read_tensor_file(path, "Wan VAE checkpoint")
         with torch.device("meta"):
             model = cls(cfg)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
