@@ -133,45 +133,56 @@ def load_config(argv):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def sample_sigma(batch, generator, device):
+def sample_sigma(generator):
     """u ~ sigmoid(N(0,1)), snapped to the 1,000-step training grid, then shifted: sigma = s*b / (1 + (s-1)*b)."""
-    u = torch.sigmoid(torch.randn(batch, generator=generator, device=device))
+    u = torch.sigmoid(torch.randn((), generator=generator, device=generator.device))
     idx = (u * 1000).long().clamp(max=999)
     base = (1000 - idx).double() / 1000
-    return (shift * base / (1 + (shift - 1) * base)).float()  # [B]
+    return (shift * base / (1 + (shift - 1) * base)).float()
 
 
-def sample_num_conditional_frames(batch, latent_frames, generator):
+def sample_num_conditional_frames(latent_frames, generator):
     """How many leading latent frames are given clean: 0 (text2world), 1 (image2world), 2 (video2world)."""
     choices = [n for n in sorted(conditional_frames_probs)
                if min_num_conditional_frames <= n <= max_num_conditional_frames]
     probs = torch.tensor([float(conditional_frames_probs[n]) for n in choices], device=generator.device)
-    picks = torch.multinomial(probs, batch, replacement=True, generator=generator)
-    n_cond = torch.tensor(choices, device=generator.device)[picks]
+    pick = torch.multinomial(probs, 1, generator=generator)[0]
+    n_cond = torch.tensor(choices, device=generator.device)[pick]
     return n_cond if latent_frames > 1 else torch.zeros_like(n_cond)  # an image gets no conditioning frame
 
 
-def flow_matching_loss(model, x0, text_emb, generator):
+def flow_matching_loss(model, x0, text_emb, generators):
     """x_t = sigma*eps + (1-sigma)*x0 on the generated frames, x0 on the conditioning frames (flagged in the mask
     channel); the network predicts v = eps - x0; its output on conditioning frames is replaced by the target.
+    Each sample draws its sigma, noise, conditioning frames and caption dropout from its own generator, so a
+    sample is treated the same whichever rank and batch it lands in.
     Returns the mean squared error per sample [B] and the number of conditioning frames [B]."""
     B, C, T, H, W = x0.shape
     device = x0.device
     x0 = x0.float()
-    sigma = sample_sigma(B, generator, device)  # [B]
-    eps_noise = torch.randn(x0.shape, generator=generator, device=device)  # [B,C,T,H,W]
-    n_cond = sample_num_conditional_frames(B, T, generator)  # [B]
+    sigma = torch.stack([sample_sigma(g) for g in generators])  # [B]
+    eps_noise = torch.stack([torch.randn(x0.shape[1:], generator=g, device=device) for g in generators])
+    n_cond = torch.stack([sample_num_conditional_frames(T, g) for g in generators])  # [B]
+    keep_text = torch.stack([torch.rand((), generator=g, device=device) >= caption_dropout for g in generators])
     cond_mask = (torch.arange(T, device=device)[None, :] < n_cond[:, None]).float()  # [B,T]
     cond_mask = cond_mask[:, None, :, None, None].expand(B, 1, T, H, W)  # [B,1,T,H,W]
     s = sigma[:, None, None, None, None]
     x_t = s * eps_noise + (1 - s) * x0
     x_t = cond_mask * x0 + (1 - cond_mask) * x_t
-    keep_text = (torch.rand(B, generator=generator, device=device) >= caption_dropout).float()
     text_emb = text_emb * keep_text[:, None, None].to(text_emb.dtype)
     target = eps_noise - x0
     v_pred = model(x_t, sigma, text_emb, condition_mask=cond_mask).float()  # [B,C,T,H,W]
     v_pred = cond_mask * target + (1 - cond_mask) * v_pred
     return ((v_pred - target) ** 2).mean(dim=(1, 2, 3, 4)), n_cond
+
+
+def sample_generators(step, rank, world_size, device):
+    """One generator per sample of this rank's batch, keyed by the sample's place in the global stream (the
+    sampler deals global positions round-robin): resuming reproduces a step exactly, and the same global batch
+    gets the same noise on any number of ranks."""
+    first = step * batch_size * world_size
+    return [torch.Generator(device).manual_seed(seed * 1_000_003 + first + rank + k * world_size)
+            for k in range(batch_size)]
 
 
 def lr_multiplier(step):
@@ -482,9 +493,8 @@ def main(argv):
     t_last = time.perf_counter()
     while step < max_iter:
         latents, text_emb = next(data)
-        # all randomness of a step comes from (seed, step, rank): resuming reproduces it on any number of GPUs
-        generator = torch.Generator(device).manual_seed(seed * 1_000_003 + step * 1009 + rank)
-        per_sample, n_cond = flow_matching_loss(model, latents, text_emb, generator)
+        per_sample, n_cond = flow_matching_loss(model, latents, text_emb,
+                                                sample_generators(step, rank, world_size, device))
         loss = per_sample.mean()
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip, foreach=True)

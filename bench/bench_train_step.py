@@ -86,11 +86,11 @@ def ours(preset, shape, device, warmup, repeat, checkpointing, backend):
     T, H, W = shape
     latents = torch.randn(1, 16, T, H, W, device=device, dtype=torch.bfloat16)
     text = torch.randn(1, 512, cfg.crossattn_proj_in_channels, device=device, dtype=torch.bfloat16)
-    generator = torch.Generator(device).manual_seed(0)
+    generators = [torch.Generator(device).manual_seed(0)]
     reset_memory(device)  # the fp32 random init is not part of a step
 
     def step():
-        per_sample, _ = train.flow_matching_loss(model, latents, text, generator)
+        per_sample, _ = train.flow_matching_loss(model, latents, text, generators)
         per_sample.mean().backward()
         torch.nn.utils.clip_grad_norm_(trainable, 0.1, foreach=True)
         optimizer.step()

@@ -78,7 +78,8 @@ def ckpt(out, step, name="run"):
 
 
 def test_sigma_distribution_matches_the_reference():
-    sigma = train.sample_sigma(200_000, torch.Generator().manual_seed(0), "cpu").numpy()
+    g = torch.Generator().manual_seed(0)
+    sigma = torch.stack([train.sample_sigma(g) for _ in range(50_000)]).numpy()
     q = np.quantile(sigma, [0.05, 0.25, 0.5, 0.75, 0.95])
     assert np.allclose(q, [0.49, 0.72, 0.83, 0.91, 0.96], atol=0.01), q
     assert abs(sigma.mean() - 0.795) < 0.005
@@ -102,7 +103,8 @@ def test_conditioning_frames_carry_the_clean_latent_and_no_loss():
     x0 = torch.randn(64, 16, 4, 2, 2)
     text = torch.randn(64, 3, 8)
     model = RecordingModel()
-    per_sample, n_cond = train.flow_matching_loss(model, x0, text, torch.Generator().manual_seed(0))
+    generators = [torch.Generator().manual_seed(i) for i in range(64)]
+    per_sample, n_cond = train.flow_matching_loss(model, x0, text, generators)
     x_t, sigma, text_in, mask = model.calls[0]
     assert set(n_cond.tolist()) == {0, 1, 2}
     for b in range(64):
@@ -163,9 +165,9 @@ def held_out_loss(cache_dir, lora=None):
         for i in range(len(data)):
             item = data[i]
             for k in range(8):
-                g = torch.Generator().manual_seed(k)
                 per_sample, _ = train.flow_matching_loss(model, item["latents"][None].float(),
-                                                         item["text_emb"][None].float(), g)
+                                                         item["text_emb"][None].float(),
+                                                         [torch.Generator().manual_seed(k)])
                 losses.append(per_sample.item())
     return float(np.mean(losses))
 
@@ -219,11 +221,23 @@ def test_kill_during_save_keeps_latest_on_the_previous_checkpoint(cache, tmp_pat
     assert (checkpoints / "latest_checkpoint.txt").read_text().strip() == "iter_000000006"
 
 
-def test_two_gloo_ranks_train_and_resume_on_one(cache, tmp_path):
-    run_train(tmp_path, cache, "max_iter=2", "save_iter=2", nproc=2)
-    result = run_train(tmp_path, cache, "max_iter=3", "save_iter=3")
-    assert "iteration 2" in result.stdout
-    assert ckpt(tmp_path, 3).exists()
+def logged_losses(stdout):
+    return [float(line.split("loss ")[1].split(",")[0]) for line in stdout.splitlines() if line.startswith("iter ")]
+
+
+def test_two_ranks_equal_one_rank_with_the_same_global_batch_and_resume_on_one(cache, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ("max_iter=3", "save_iter=3", "logging_iter=1")
+    one_rank = run_train(one, cache, *common, "batch_size=2")
+    two_ranks = run_train(two, cache, *common, "batch_size=1", nproc=2)
+    assert np.allclose(logged_losses(one_rank.stdout), logged_losses(two_ranks.stdout), rtol=1e-5)
+    a, b = read_dcp(ckpt(one, 3), "model"), read_dcp(ckpt(two, 3), "model")
+    for k in a:  # Adam magnifies reduction-order rounding a little: 5e-5 is 2% of three updates of lr 1e-3
+        assert torch.allclose(a[k], b[k], rtol=0, atol=5e-5), k
+    # a checkpoint written by two ranks resumes on one
+    result = run_train(two, cache, "max_iter=4", "save_iter=4", "batch_size=1", "logging_iter=1")
+    assert "iteration 3" in result.stdout
+    assert ckpt(two, 4).exists()
 
 
 def test_missing_base_checkpoint_fails_before_work(cache, tmp_path):
