@@ -444,6 +444,12 @@ def swap_ema(model, ema):
 
 
 def main(argv):
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print("settings (override in a config file or as key=value):")
+        for key in CONFIG_KEYS:
+            print(f"  {key} = {globals()[key]!r}")
+        return
     config = load_config(argv)
     rank, world_size, device = init_distributed()
     run_dir = Path(out_dir) / name
