@@ -184,9 +184,9 @@ def saved_attention_ops():
            torch.ops.aten._scaled_dot_product_cudnn_attention.default,
            torch.ops.aten._scaled_dot_product_efficient_attention.default}
     if torch.cuda.is_available():
-        from kernels.attention import ATTENTION_OP
+        import kernels.attention  # registers torch.ops.cosmos_kernels
 
-        ops.add(ATTENTION_OP)
+        ops.add(torch.ops.cosmos_kernels.flash_attn_fwd.default)
     return ops
 
 

@@ -1,0 +1,173 @@
+"""Fused LoRA linear in Triton: y = x W^T + s (x A^T) B^T, W frozen; and a plain-PyTorch reference.
+
+x [..., K], W [N, K], A [r, K], B [N, r]. A and B may be fp32 master weights: they are cast to x's dtype for the
+compute and their gradients come back in their own dtype.
+
+Forward:  S = x A^T (thin GEMM, kept for the backward), then one Triton GEMM whose accumulator starts at s S B^T
+          and then runs the K loop of x W^T: y is written once, with no temporary the size of y.
+Backward: dS = s dY B, dB = s dY^T S, dA = dS^T x (thin GEMMs), and dX = dY W + dS A in the same Triton GEMM
+          (accumulator starts at dS A). No dW: W is frozen.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Triton's CPU interpreter multiplies bf16 tiles as their raw 16-bit integers (seen with triton 3.9); under the
+# interpreter every tl.dot gets fp32 operands instead. On the GPU this is a compile-time False.
+_UPCAST_DOT = tl.constexpr(_INTERPRET)
+
+
+@triton.jit
+def _dot(a, b, acc):
+    if _UPCAST_DOT:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit(do_not_specialize=["M"])  # one compile serves every token count
+def _lora_matmul_kernel(desc_u, desc_w, desc_l, desc_r, desc_c, M, N, K, scale,
+                        TRANS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """C [M, N] = U [M, K] op(W) + scale * L [M, r] op(R), op(t) = t^T if TRANS_W else t.
+
+    forward:  U = x,  W = W [N, K],  L = S,  R = B [N, r],  TRANS_W
+    backward: U = dY, W = W [N, K] read as [K_red, N_out],  L = dS,  R = A [r, K]
+    Tails (M, N, K, r not multiples of the blocks) are zero-filled by TMA on load and clipped on store.
+    """
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    off_m = (pid // n_blocks) * BLOCK_M  # consecutive programs share a row block of U, which stays in L2
+    off_n = (pid % n_blocks) * BLOCK_N
+    low = desc_l.load([off_m, 0])  # [BLOCK_M, BLOCK_R]
+    if TRANS_W:
+        up = tl.trans(desc_r.load([off_n, 0]))  # [BLOCK_R, BLOCK_N]
+    else:
+        up = desc_r.load([0, off_n])
+    acc = _dot(low, up, tl.zeros([BLOCK_M, BLOCK_N], tl.float32)) * scale  # the low-rank term seeds the accumulator
+    for k in range(0, K, BLOCK_K):
+        u = desc_u.load([off_m, k])
+        if TRANS_W:
+            w = tl.trans(desc_w.load([off_n, k]))  # [BLOCK_K, BLOCK_N]
+        else:
+            w = desc_w.load([k, off_n])
+        acc = _dot(u, w, acc)
+    desc_c.store([off_m, off_n], acc.to(low.dtype))
+
+
+def _set_block_shapes(nargs):
+    # Descriptors are built before the config is known; each config sets its own tile shapes.
+    bm, bn, bk, br = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"], nargs["BLOCK_R"]
+    trans = nargs["TRANS_W"]
+    nargs["desc_u"].block_shape = [bm, bk]
+    nargs["desc_w"].block_shape = [bn, bk] if trans else [bk, bn]
+    nargs["desc_l"].block_shape = [bm, br]
+    nargs["desc_r"].block_shape = [bn, br] if trans else [br, bn]
+    nargs["desc_c"].block_shape = [bm, bn]
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): one 128x256 or 256x128 program an SM, or two 128x128 ones
+# (each under half the shared memory) whose prologues and epilogues overlap the other's main loop.
+_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_stages=s, num_warps=w,
+                          pre_hook=_set_block_shapes)
+            for bm, bn, bk, s, w in [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 256, 64, 4, 8),
+                                     (128, 128, 64, 2, 8), (128, 128, 64, 3, 4), (128, 128, 32, 4, 4)]]
+_INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
+_lora_matmul_tuned = triton.autotune(_CONFIGS, key=["M", "N", "K", "TRANS_W"])(_lora_matmul_kernel)
+
+
+def _launch_matmul(u, w, low, up, scale, trans_w, out):
+    """out [M, N] = u [M, K] op(w) + scale * low [M, r] op(up); all 2-D, rows contiguous, same dtype."""
+    M, K = u.shape
+    N = out.shape[1]
+    r = low.shape[1]
+    desc = lambda t: TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [16, 16])
+    args = dict(desc_u=desc(u), desc_w=desc(w), desc_l=desc(low), desc_r=desc(up), desc_c=desc(out), M=M, N=N, K=K,
+                scale=scale, TRANS_W=trans_w, BLOCK_R=max(16, triton.next_power_of_2(r)))
+    if _INTERPRET:
+        meta = dict(args, **_INTERPRET_META)
+        _set_block_shapes(meta)
+        _lora_matmul_kernel[(triton.cdiv(M, 16) * triton.cdiv(N, 16),)](**meta)
+    else:
+        _lora_matmul_tuned[lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)](**args)
+
+
+@torch.library.custom_op("cosmos_kernels::lora_linear_fwd", mutates_args=())
+def _lora_fwd(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    s_M_r = x @ a.t()
+    y_M_N = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)
+    _launch_matmul(x, weight, s_M_r, b, scale, True, y_M_N)
+    return y_M_N, s_M_r
+
+
+@_lora_fwd.register_fake
+def _(x, weight, lora_A, lora_B, scale):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]))
+
+
+@torch.library.custom_op("cosmos_kernels::lora_linear_bwd", mutates_args=())
+def _lora_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+              s_M_r: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    a, b = lora_A.to(dy.dtype), lora_B.to(dy.dtype)
+    ds_M_r = dy @ (b * scale)
+    db_N_r = (dy.t() @ s_M_r).to(lora_B.dtype) * scale
+    da_r_K = (ds_M_r.t() @ x).to(lora_A.dtype)
+    dx_M_K = torch.empty_like(x)
+    _launch_matmul(dy, weight, ds_M_r, a, 1.0, False, dx_M_K)
+    return dx_M_K, da_r_K, db_N_r
+
+
+@_lora_bwd.register_fake
+def _(dy, x, weight, lora_A, lora_B, s_M_r, scale):
+    return x.new_empty(x.shape), lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, lora_A, lora_B, scale = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1])
+    ctx.scale = scale
+
+
+def _backward(ctx, dy, _ds):  # S is an internal output: nothing downstream uses it, its gradient is zero
+    x, weight, lora_A, lora_B, s_M_r = ctx.saved_tensors
+    dx, da, db = _lora_bwd(dy.contiguous(), x, weight, lora_A, lora_B, s_M_r, ctx.scale)
+    return dx, None, da, db, None
+
+
+_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lora_linear(x, weight, lora_A, lora_B, scale):
+    """y = x W^T + scale (x A^T) B^T. x [..., K], W [N, K] (frozen), A [r, K], B [N, r] -> y [..., N]."""
+    if not (x.is_cuda or _INTERPRET):
+        raise ValueError(f"lora_linear runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), got device "
+                         f"{x.device}; use lora_linear_reference elsewhere")
+    K = x.shape[-1]
+    N, r = weight.shape[0], lora_A.shape[0]
+    if weight.shape != (N, K) or lora_A.shape != (r, K) or lora_B.shape != (N, r):
+        raise ValueError(f"expected x [..., K], W [N, K], A [r, K], B [N, r]; got x {tuple(x.shape)}, W "
+                         f"{tuple(weight.shape)}, A {tuple(lora_A.shape)}, B {tuple(lora_B.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype:
+        raise ValueError(f"x and W must both be bf16 or both fp16, got {x.dtype} and {weight.dtype}")
+    if weight.requires_grad:
+        raise ValueError("lora_linear keeps W frozen and never computes dW, but W requires grad")
+    if K % 8 or N % 8 or r % 8:
+        raise ValueError(f"TMA needs 16-byte rows: K={K}, N={N} and r={r} must be multiples of 8")
+    x_M_K = x.reshape(-1, K)
+    if x_M_K.stride(-1) != 1 or (x_M_K.stride(0) * x.element_size()) % 16 or x_M_K.data_ptr() % 16:
+        x_M_K = x_M_K.contiguous()  # a view TMA cannot describe: copy once
+    y_M_N = _lora_fwd(x_M_K, weight.contiguous(), lora_A, lora_B, float(scale))[0]
+    return y_M_N.reshape(*x.shape[:-1], N)
+
+
+def lora_linear_reference(x, weight, lora_A, lora_B, scale):
+    """Unfused PyTorch: x W^T + scale (x A^T) B^T, with A and B cast to x's dtype."""
+    return x @ weight.t() + scale * ((x @ lora_A.to(x.dtype).t()) @ lora_B.to(x.dtype).t())

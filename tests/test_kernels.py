@@ -1,0 +1,194 @@
+"""Triton kernels (kernels/attention.py, kernels/lora.py) against their plain-PyTorch references.
+
+Runs under TRITON_INTERPRET=1 on the CPU (as CI does) or on a CUDA GPU. Shapes are tiny: the interpreter runs each
+program in numpy. Errors are ||ours - ref|| / ||ref|| against fp32 (attention) or fp64 (LoRA) references.
+"""
+
+import os
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+import kernels.attention as attention
+from kernels.attention import attention_reference, flash_attention, flash_attention_with_lse
+from kernels.lora import _launch_matmul, lora_linear, lora_linear_reference
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
+                                reason="Triton kernels need a CUDA GPU or TRITON_INTERPRET=1")
+DEVICE = "cpu" if INTERPRET else "cuda"
+TOL = {torch.bfloat16: 2e-2, torch.float16: 3e-3}  # bf16 / fp16 rounding of inputs, P and dS
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def randn(*shape, dtype=torch.bfloat16):
+    return torch.randn(*shape, device=DEVICE, dtype=dtype)
+
+
+def reference_grads(q, k, v, scale, g_out, g_lse):
+    """fp32 reference forward and the gradients of sum(out * g_out) + sum(lse * g_lse)."""
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    out, lse = attention_reference(q32, k32, v32, scale)
+    grads = torch.autograd.grad((out * g_out).sum() + (lse * g_lse).sum(), (q32, k32, v32))
+    return out, lse, grads
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# attention
+
+
+def test_attention_reference_matches_sdpa():
+    q, k, v = randn(2, 11, 3, 64, dtype=torch.float32), randn(2, 7, 3, 64, dtype=torch.float32), \
+        randn(2, 7, 3, 64, dtype=torch.float32)
+    out, lse = attention_reference(q, k, v, 0.2)
+    expected = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=0.2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * 0.2
+    assert rel_err(out, expected.transpose(1, 2)) < 1e-5
+    assert rel_err(lse, torch.logsumexp(s, -1)) < 1e-6
+
+
+@pytest.mark.parametrize("B,Sq,Sk,H,D,dtype,scale", [
+    (2, 37, 53, 2, 64, torch.bfloat16, None),  # odd lengths, Sq != Sk, B > 1, H > 1
+    (1, 37, 9, 2, 128, torch.float16, None),  # cross-attention-like: fewer keys than a block, split dK/dV
+    (2, 48, 48, 3, 128, torch.bfloat16, 0.05),  # lengths a multiple of the block: no tails
+    (1, 21, 70, 2, 64, torch.float16, None),
+])
+def test_attention_forward_and_gradients(B, Sq, Sk, H, D, dtype, scale):
+    q, k, v = randn(B, Sq, H, D, dtype=dtype), randn(B, Sk, H, D, dtype=dtype), randn(B, Sk, H, D, dtype=dtype)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    g_out, g_lse = randn(B, Sq, H, D, dtype=torch.float32), randn(B, H, Sq, dtype=torch.float32)
+    out, lse = flash_attention_with_lse(q, k, v, scale)
+    grads = torch.autograd.grad((out.float() * g_out).sum() + (lse * g_lse).sum(), (q, k, v))
+    ref_out, ref_lse, ref_grads = reference_grads(q, k, v, scale, g_out, g_lse)
+
+    assert out.shape == q.shape and out.dtype == dtype and lse.shape == (B, H, Sq) and lse.dtype == torch.float32
+    assert rel_err(out, ref_out) < TOL[dtype]
+    assert rel_err(lse, ref_lse) < 1e-4  # lse depends on the scores only, accumulated in fp32
+    for name, grad, ref in zip("qkv", grads, ref_grads):
+        assert grad.dtype == dtype and not grad.isnan().any(), name
+        assert rel_err(grad, ref) < TOL[dtype], f"d{name}: {rel_err(grad, ref):.2e}"
+
+
+def test_attention_on_fused_qkv_views():
+    # The DiT splits one [B, S, 3, H, D] projection into q, k, v: strided views, read in place.
+    qkv = randn(2, 29, 3, 2, 128).requires_grad_()
+    q, k, v = qkv.unbind(2)
+    g_out = randn(2, 29, 2, 128, dtype=torch.float32)
+    (flash_attention(q, k, v).float() * g_out).sum().backward()
+    ref_out, _, ref_grads = reference_grads(q, k, v, None, g_out, torch.zeros(2, 2, 29, device=DEVICE))
+    assert rel_err(flash_attention(q, k, v), ref_out) < TOL[torch.bfloat16]
+    assert rel_err(qkv.grad, torch.stack(ref_grads, 2)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("Sq,Sk", [(37, 53), (37, 9)])  # one dK/dV split, several
+def test_attention_kernels_write_every_element(Sq, Sk):
+    B, H, D, scale = 1, 2, 64, 0.125
+    q, k, v, do = randn(B, Sq, H, D), randn(B, Sk, H, D), randn(B, Sk, H, D), randn(B, Sq, H, D)
+    nan = float("nan")
+    out, lse = torch.full_like(q, nan), torch.full((B, H, Sq), nan, device=DEVICE)
+    attention._launch_fwd(q, k, v, scale, out, lse)
+    dq, dk, dv = torch.full_like(q, nan), torch.full_like(k, nan), torch.full_like(v, nan)
+    attention._launch_bwd(do, q, k, v, out, lse, torch.zeros_like(lse), scale, dq, dk, dv)
+    ref_out, ref_lse, ref_grads = reference_grads(q, k, v, scale, do.float(), torch.zeros_like(lse))
+    for name, got, ref in [("out", out, ref_out), ("lse", lse, ref_lse), *zip(("dq", "dk", "dv"), (dq, dk, dv),
+                                                                                 ref_grads)]:
+        assert not got.isnan().any(), f"{name} has unwritten elements"
+        assert rel_err(got, ref) < TOL[torch.bfloat16], name
+
+
+def test_attention_rejects_bad_inputs():
+    q = randn(1, 2, 16, 64).transpose(1, 2)  # [B, S, H, D] view of a [B, H, S, D] tensor: heads not packed
+    with pytest.raises(ValueError, match="strides"):
+        flash_attention(q, q, q)
+    q = randn(1, 16, 2, 32)
+    with pytest.raises(ValueError, match="head dim"):
+        flash_attention(q, q, q)
+    q = randn(1, 16, 2, 64, dtype=torch.float32)
+    with pytest.raises(ValueError, match="bf16"):
+        flash_attention(q, q, q)
+
+
+def test_selective_checkpoint_keeps_attention_output(monkeypatch):
+    # A policy that saves the custom op's outputs (out, lse) must make the backward skip the attention forward.
+    calls = []
+    launch_fwd = attention._launch_fwd
+    monkeypatch.setattr(attention, "_launch_fwd", lambda *a: calls.append(1) or launch_fwd(*a))
+
+    def policy(ctx, op, *args, **kwargs):
+        if op is torch.ops.cosmos_kernels.flash_attn_fwd.default:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    def block(x):
+        return flash_attention(x * 2, x, x).float().square().sum()
+
+    x = randn(1, 24, 2, 64).requires_grad_()
+    grads = []
+    for context_fn in (partial(create_selective_checkpoint_contexts, policy), None):
+        calls.clear()
+        kwargs = {} if context_fn is None else {"context_fn": context_fn}
+        checkpoint(block, x, use_reentrant=False, **kwargs).backward()
+        grads.append(x.grad)
+        x.grad = None
+        assert len(calls) == (1 if context_fn else 2)  # plain checkpointing re-runs the forward
+    assert torch.equal(grads[0], grads[1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+@pytest.mark.parametrize("lead,K,N,r,dtype,ab_dtype", [
+    ((37,), 48, 40, 8, torch.bfloat16, torch.float32),  # odd M, fp32 master A/B with bf16 x
+    ((2, 19), 64, 24, 16, torch.float16, torch.float16),  # leading dims
+    ((5, 7), 32, 48, 8, torch.bfloat16, torch.bfloat16),
+])
+def test_lora_forward_and_gradients(lead, K, N, r, dtype, ab_dtype):
+    x = randn(*lead, K, dtype=dtype).requires_grad_()
+    w = randn(N, K, dtype=dtype) / K ** 0.5
+    a = (randn(r, K, dtype=ab_dtype) / K ** 0.5).requires_grad_()
+    b = randn(N, r, dtype=ab_dtype).requires_grad_()
+    scale = 0.7
+    y = lora_linear(x, w, a, b, scale)
+    g = randn(*lead, N, dtype=dtype)
+    dx, da, db = torch.autograd.grad(y, (x, a, b), g)
+
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, b))
+    y64 = x64 @ w.double().t() + scale * (x64 @ a64.t()) @ b64.t()
+    ref = (y64, *torch.autograd.grad(y64, (x64, a64, b64), g.double()))
+    assert y.shape == (*lead, N) and y.dtype == dtype
+    assert (dx.dtype, da.dtype, db.dtype) == (dtype, ab_dtype, ab_dtype)
+    for name, got, want in zip(("y", "dx", "dA", "dB"), (y, dx, da, db), ref):
+        assert rel_err(got, want) < TOL[dtype], f"{name}: {rel_err(got, want):.2e}"
+    # the unfused reference computes the same function
+    assert rel_err(lora_linear_reference(x, w, a, b, scale), y64) < TOL[dtype]
+
+
+@pytest.mark.parametrize("trans_w", [True, False])
+def test_lora_matmul_writes_every_element(trans_w):
+    M, K, N, r = 45, 40, 56, 8  # nothing a multiple of the 16-wide interpreter blocks
+    u, low = randn(M, K), randn(M, r)
+    w = randn(N, K) if trans_w else randn(K, N)
+    up = randn(N, r) if trans_w else randn(r, N)
+    out = torch.full((M, N), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+    _launch_matmul(u, w, low, up, 0.5, trans_w, out)
+    op = (lambda t: t.t()) if trans_w else (lambda t: t)
+    expected = u.double() @ op(w).double() + 0.5 * low.double() @ op(up).double()
+    assert not out.isnan().any()
+    assert rel_err(out, expected) < TOL[torch.bfloat16]
+
+
+def test_lora_rejects_bad_inputs():
+    x, w, a, b = randn(4, 32), randn(16, 32), randn(8, 32), randn(16, 8)
+    with pytest.raises(ValueError, match="frozen"):
+        lora_linear(x, w.requires_grad_(), a, b, 1.0)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        lora_linear(randn(4, 20), randn(16, 20), randn(8, 20), b, 1.0)
+    with pytest.raises(ValueError, match="expected x"):
+        lora_linear(x, w.detach(), randn(8, 24), b, 1.0)
