@@ -57,8 +57,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         active = self.active_adapters()
-        if (self.use_fused_kernel and x.is_cuda and len(active) == 1 and self.bias is None
-                and self.dropout[active[0]] == 0.0):
+        if (self.use_fused_kernel and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and len(active) == 1
+                and self.bias is None and self.dropout[active[0]] == 0.0):
             from kernels.lora import lora_linear
 
             name = active[0]

@@ -15,6 +15,7 @@ What happens, in the reference's way (spec/vae_text_encoder_inference.md §3):
 """
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -345,28 +346,60 @@ def read_condition_frames(sample):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def text_embeddings(samples, text_encoder, prompt_embeds, device):
-    """{text: embedding [1,512,100352] on the CPU} for every prompt, and every negative prompt that guidance uses.
-    With `prompt_embeds` (one sample) they come from that file: a .safetensors or .pt holding the tensors
-    'prompt' and, when guidance > 0, 'negative_prompt'. Otherwise the text encoder computes them and is freed."""
-    if prompt_embeds is not None:
-        (sample,) = samples
-        tensors = read_tensors(prompt_embeds)
-        wanted = {"prompt": sample.prompt} | ({"negative_prompt": sample.negative_prompt} if sample.guidance else {})
-        missing = [k for k in wanted if k not in tensors]
-        if missing:
-            raise KeyError(f"{prompt_embeds}: no tensor {', '.join(missing)} (it has {', '.join(tensors) or 'none'})")
-        return {text: tensors[k].reshape(1, *tensors[k].shape[-2:]) for k, text in wanted.items()}
-
+def encode_prompts(texts, text_encoder, device):
+    """{text: embedding [1,512,100352] on the CPU} for each distinct text, from the text encoder folder
+    `text_encoder`; the encoder is freed before returning, so the DiT and the VAE never share the GPU with it."""
     from model import TextEncoder
 
-    texts = list(dict.fromkeys(t for s in samples for t in [s.prompt] + ([s.negative_prompt] if s.guidance else [])))
-    encoder = TextEncoder.from_pretrained(text_encoder, device=device, dtype=dtype_for(device))
+    texts = list(dict.fromkeys(texts))
+    try:
+        encoder = TextEncoder.from_pretrained(text_encoder, device=device, dtype=dtype_for(device))
+    except KeyError as e:  # a folder whose tensors do not fit its config
+        raise ValueError(f"--text_encoder {text_encoder}: {e.args[0]}") from None
     embeddings = {t: encoder.encode([t]).cpu() for t in tqdm(texts, desc="text encoder", disable=len(texts) < 2)}
     del encoder
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return embeddings
+
+
+def text_embeddings(samples, text_encoder, prompt_embeds, device):
+    """{text: embedding [1,512,100352] on the CPU} for every prompt, and every negative prompt that guidance uses.
+    With `prompt_embeds` (one sample) they come from that file: a .safetensors or .pt holding the tensors
+    'prompt' and, when guidance > 0, 'negative_prompt'. Otherwise the text encoder computes them."""
+    if prompt_embeds is None:
+        return encode_prompts([t for s in samples for t in [s.prompt] + ([s.negative_prompt] if s.guidance else [])],
+                              text_encoder, device)
+    (sample,) = samples
+    tensors = read_tensors(prompt_embeds)
+    wanted = {"prompt": sample.prompt} | ({"negative_prompt": sample.negative_prompt} if sample.guidance else {})
+    missing = [k for k in wanted if k not in tensors]
+    if missing:
+        raise ValueError(f"{prompt_embeds}: no tensor {', '.join(missing)} (it has {', '.join(tensors) or 'none'})")
+    return {text: tensors[k].reshape(1, *tensors[k].shape[-2:]) for k, text in wanted.items()}
+
+
+def check_text_width(net, text_encoder, prompt_embeds):
+    """The text embeddings must be as wide as the DiT's cross-attention input (28 layers x 3584 = 100352 for
+    Cosmos-Reason1-7B); checked from the encoder's config.json or the embedding file, before anything runs."""
+    from model import TextEncoderConfig
+
+    if prompt_embeds is not None:
+        widths = {k: v.shape[-1] for k, v in read_tensors(prompt_embeds).items()}
+        source = f"--prompt_embeds {prompt_embeds}"
+    else:
+        try:
+            cfg = TextEncoderConfig.from_hf_config(Path(text_encoder) / "config.json")
+        except KeyError as e:  # a field missing from config.json
+            raise ValueError(e.args[0]) from None
+        widths = {"output": cfg.num_layers * cfg.hidden_size}
+        source = f"--text_encoder {text_encoder} ({cfg.num_layers} layers x {cfg.hidden_size})"
+    expected = net.cfg.crossattn_proj_in_channels
+    wrong = {k: w for k, w in widths.items() if w != expected}
+    if wrong:
+        raise ValueError(f"{source}: embeddings of width {', '.join(f'{k} {w}' for k, w in wrong.items())}, "
+                         f"but the DiT's cross-attention takes {expected}")
 
 
 def read_tensors(path):
@@ -410,11 +443,14 @@ def read_adapter(path, adapter_name):
     for key, value in read_tensors(path).items():
         key = key.removeprefix("net.").removeprefix("transformer.")
         if key.startswith("transformer_blocks."):
-            key = dit_key_from_diffusers(key, adapter_name)
-        module, tag, _, weight = key.rsplit(".", 3)
-        if tag not in ("lora_A", "lora_B") or weight != "weight":
-            raise KeyError(f"{path}: {key!r} is not a LoRA weight (expected <module>.lora_A|lora_B.<name>.weight)")
-        out[f"{module}.{tag}.{adapter_name}.weight"] = value
+            try:
+                key = dit_key_from_diffusers(key, adapter_name)
+            except KeyError as e:
+                raise ValueError(f"{path}: {e.args[0]}") from None
+        parts = key.rsplit(".", 3)  # module, lora_A|lora_B, adapter name, weight
+        if len(parts) != 4 or parts[1] not in ("lora_A", "lora_B") or parts[3] != "weight":
+            raise ValueError(f"{path}: {key!r} is not a LoRA weight (expected <module>.lora_A|lora_B.<name>.weight)")
+        out[f"{parts[0]}.{parts[1]}.{adapter_name}.weight"] = value
     if not out:
         raise ValueError(f"{path} holds no LoRA weights")
     return out
@@ -434,55 +470,94 @@ def add_adapters(net, state_dict):
         if len(set(ranks.values())) != 1:
             raise ValueError(f"adapter {name!r} has several ranks {sorted(set(ranks.values()))}")
         rank = next(iter(ranks.values()))
-        inject_lora(net, list(ranks), rank=rank, alpha=rank, adapter_name=name)
+        try:
+            inject_lora(net, list(ranks), rank=rank, alpha=rank, adapter_name=name)
+        except ValueError as e:  # no module of that name
+            raise ValueError(f"adapter {name!r}: {e}") from None
     return list(modules)
 
 
-def load_dit(ckpt, loras, merge, device, config=None):
-    """The DiT of an official-layout checkpoint (a LoRA run's adapters included), plus the `--lora` adapters
-    (path, scale), optionally merged into the base weights. The preset and the checkpoint's adapter come from its
-    shapes (adapter alpha = rank), or from a training config file (`dit_preset`, `use_lora`, `lora_rank`,
-    `lora_alpha`, `lora_target_modules`), like the reference's --experiment."""
-    from lora import inject_lora, load_lora_state_dict, merge_lora, set_adapter_scale
+def load_dit(ckpt, loras=(), config=None):
+    """The DiT of an official-layout checkpoint (a LoRA run's adapters included) plus the `--lora` adapters
+    (path, scale), on the CPU in the checkpoint's dtype. The file is memory-mapped, so this is cheap: every shape
+    is checked here, before any heavy work, and the weights are read when the model moves to the GPU.
+    The preset and the checkpoint's adapter come from its shapes (adapter alpha = rank), or from a training config
+    file (`dit_preset`, `use_lora`, `lora_rank`, `lora_alpha`, `lora_target_modules`), like the reference's
+    --experiment."""
+    from lora import inject_lora, load_lora_state_dict, set_adapter_scale
     from model import DIT_PRESETS, DiT, infer_dit_config, load_checkpoint_file
 
     state_dict = load_checkpoint_file(ckpt, prefix="net.")
     if config is None:
         with torch.device("meta"):
             net = DiT(infer_dit_config(state_dict, ckpt))
-        names = add_adapters(net, state_dict)
+        add_adapters(net, state_dict)
     else:
         import train
 
         conf = train.load_config([str(config)])
         with torch.device("meta"):
             net = DiT(DIT_PRESETS[conf["dit_preset"]])
-        names = []
         if conf["use_lora"]:
             inject_lora(net, conf["lora_target_modules"], rank=conf["lora_rank"], alpha=conf["lora_alpha"])
-            names.append("default")
-    net.load_official_state_dict(state_dict, source=ckpt)
-    net = net.to(device=device, dtype=dtype_for(device)).eval()
+    try:
+        net.load_official_state_dict(state_dict, source=ckpt)
+    except KeyError as e:
+        raise ValueError(e.args[0]) from None
     for i, (path, scale) in enumerate(loras):
         name = f"lora{i}"
         adapter = read_adapter(path, name)
-        add_adapters(net, adapter)
         try:
+            add_adapters(net, adapter)
             load_lora_state_dict(net, adapter, name)
-        except KeyError as e:
-            raise KeyError(f"--lora {path}: {e} (an adapter trained for another model size?)") from None
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"--lora {path}: {e.args[0]} (an adapter trained for another model size?)") from None
         set_adapter_scale(net, name, scale)
-        names.append(name)
+    return net.eval()
+
+
+def dit_to_device(net, device, merge=False):
+    """Move the DiT to the device in the inference dtype; `merge` folds every adapter into the base weights
+    (W += scale B A: one matmul per layer instead of three)."""
+    from lora import lora_modules, merge_lora
+
+    net = net.to(device=device, dtype=dtype_for(device))
     if merge:
-        for name in names:
+        for name in dict.fromkeys(n for m in lora_modules(net).values() for n in m.lora_A):
             merge_lora(net, name)
     return net
 
 
+def wan_vae_config(state_dict, source):
+    """The WanVAEConfig of a VAE file, read from its shapes: Wan2.1's own, or a smaller one (tests)."""
+    from model import WanVAEConfig
+
+    sd = state_dict
+    try:
+        dim = sd["encoder.conv1.weight"].shape[0]
+        layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.downsamples."))
+        resamples = [i for i in range(layers) if f"encoder.downsamples.{i}.resample.1.weight" in sd]
+        # each stage: num_res_blocks residual blocks, then a resample (but the last); its width is its blocks' width
+        stage_ends = [i - 1 for i in resamples] + [layers - 1]
+        cfg = WanVAEConfig(dim=dim, z_dim=sd["conv2.weight"].shape[0], num_res_blocks=resamples[0],
+                           dim_mult=[sd[f"encoder.downsamples.{i}.residual.6.weight"].shape[0] // dim
+                                     for i in stage_ends],
+                           temperal_downsample=[f"encoder.downsamples.{i}.time_conv.weight" in sd for i in resamples])
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"{source} is not a Wan2.1 VAE checkpoint ({type(e).__name__}: {e})") from None
+    if (cfg.temporal_factor, cfg.spatial_factor) != (VAE_TIME_FACTOR, VAE_SPACE_FACTOR):
+        raise ValueError(f"{source}: a VAE compressing {cfg.temporal_factor}x{cfg.spatial_factor}x"
+                         f"{cfg.spatial_factor}, not the {VAE_TIME_FACTOR}x{VAE_SPACE_FACTOR}x{VAE_SPACE_FACTOR} "
+                         f"the Cosmos DiT works with")
+    return cfg
+
+
 def load_vae(path, device):
+    """The Wan VAE of `path` on `device`, in the inference dtype."""
     from model import WanVAE
 
-    return WanVAE.from_pretrained(path, device=device, dtype=dtype_for(device))
+    return WanVAE.from_pretrained(path, device=device, dtype=dtype_for(device),
+                                  cfg=wan_vae_config(read_tensors(path), path))
 
 
 def dtype_for(device):
@@ -515,26 +590,30 @@ def generate(net, vae, sample, condition_frames, text_emb, neg_text_emb, device,
                                    None if neg_text_emb is None else neg_text_emb.to(device), sample.guidance)
     sigmas, net_sigmas = flow_schedule(steps, shift)
     latents = SAMPLERS[sampler](velocity_fn, noise, sigmas, net_sigmas, progress=progress)
-    video = vae.decode(latents)[0].float()  # [3,T,H,W], about [-1,1]
+    video = vae.decode(latents)[0].float()  # [3,T,H,W], about [-1,1]; one latent frame (4 pixel frames) at a time
     # the reference's conversion: to [0,1], clamp, x255, truncate
     video = ((video + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8).permute(1, 2, 3, 0)  # [T,H,W,3]
     return video.cpu(), latents.cpu()
 
 
-def generate_to_file(net, path, vae_checkpoint, text_encoder, prompt, num_frames=DEFAULT_NUM_FRAMES,
-                     resolution=DEFAULT_RESOLUTION, steps=35, guidance=7.0, seed=1, device="cuda",
-                     negative_prompt=DEFAULT_NEGATIVE_PROMPT, fps=16):
-    """Text2World with a DiT already in memory (train.py's validation videos); the text encoder and the VAE are
-    loaded for the call and freed after it."""
+def generate_to_file(net, path, vae, text_emb, neg_text_emb=None, num_frames=DEFAULT_NUM_FRAMES,
+                     resolution=DEFAULT_RESOLUTION, steps=35, guidance=7.0, seed=1, device="cuda", fps=16):
+    """Text2World with the networks already in memory (train.py's validation videos): `vae` from load_vae,
+    text_emb / neg_text_emb [1,L,D] from encode_prompts (neg_text_emb needed when guidance > 0). Writes an mp4 to
+    `path` and returns the video uint8 [T,H,W,3]. path=None samples without writing: under FSDP every rank must
+    run the same number of forwards, so a rank short of prompts samples a spare one and drops it."""
     from prep_data import write_video
 
     device = torch.device(device)
-    s = Sample(Path(path).stem, prompt, None, 0, negative_prompt, seed, check_guidance(guidance, "guidance"),
-               tuple(resolution), check_num_frames(num_frames, "num_frames"))
-    embeddings = text_embeddings([s], text_encoder, None, device)
-    vae = load_vae(vae_checkpoint, device)
-    video, _ = generate(net, vae, s, None, embeddings[prompt], embeddings.get(negative_prompt), device, steps)
-    write_video(path, video.numpy(), fps=fps)
+    guidance = check_guidance(guidance, "guidance")
+    if guidance and neg_text_emb is None:
+        raise ValueError("guidance > 0 needs neg_text_emb (the negative prompt's embedding)")
+    resolution = parse_resolution(",".join(str(n) for n in resolution), "resolution")
+    s = Sample("validation", "", None, 0, "", seed, guidance, resolution, check_num_frames(num_frames, "num_frames"))
+    video, _ = generate(net, vae, s, None, text_emb, neg_text_emb if guidance else None, device, steps)
+    if path is not None:
+        write_video(path, video.numpy(), fps=fps)
+    return video
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -640,41 +719,52 @@ def main(argv=None):
     if args.text_encoder and not Path(args.text_encoder).is_dir():
         raise FileNotFoundError(f"--text_encoder {args.text_encoder}: no such folder")
 
-    # under torchrun every process takes every world-th sample; each sample's noise depends on its seed alone
+    # Everything that can be wrong with the inputs shows up here, on every rank, before any heavy work: the
+    # conditioning images and videos are decoded, the DiT checkpoint and the adapters are opened memory-mapped
+    # and their shapes checked, and so are the VAE file and the width of the text embeddings.
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    mine = samples[rank::world]  # under torchrun each process takes every world-th sample
+    mine_names = {s.name for s in mine}
+    frames = {}
+    for s in samples:
+        if s.num_cond_frames:
+            pixels = read_condition_frames(s)
+            if s.name in mine_names:
+                frames[s.name] = pixels
+    net = load_dit(args.ckpt, loras, args.config)
+    check_text_width(net, args.text_encoder, args.prompt_embeds)
+    wan_vae_config(read_tensors(args.vae), args.vae)
+    if not mine:
+        return
+
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    mine = samples[rank::world]
-    if not mine:
-        return
-    frames = {s.name: read_condition_frames(s) if s.num_cond_frames else None for s in mine}
-
+    # the text encoder runs first and is freed; then the DiT's weights go to the device, then the VAE
     embeddings = text_embeddings(mine, args.text_encoder, args.prompt_embeds, device)
-    net = load_dit(args.ckpt, loras, args.merge, device, args.config)
+    net = dit_to_device(net, device, args.merge)
     vae = load_vae(args.vae, device)
 
     from prep_data import write_video
 
     for s in mine:
         neg = embeddings[s.negative_prompt] if s.guidance else None
-        video, latents = generate(net, vae, s, frames[s.name], embeddings[s.prompt], neg, device, args.steps,
+        video, latents = generate(net, vae, s, frames.get(s.name), embeddings[s.prompt], neg, device, args.steps,
                                   args.shift, args.sampler, progress=rank == 0)
         path = paths[s.name]
-        path.parent.mkdir(parents=True, exist_ok=True)
         write_video(path, video.numpy(), fps=args.fps)
         if args.save_latents:
             from safetensors.torch import save_file
 
             save_file({"latents": latents.contiguous()}, path.with_suffix(".safetensors"))
         print(f"[rank {rank}] {s.name}: {MODE_NAMES[s.num_cond_frames]}, {len(video)} frames "
-              f"{s.resolution[0]}x{s.resolution[1]} -> {path}")
+              f"{s.resolution[0]}x{s.resolution[1]}, seed {s.seed} -> {path}")
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: the message, no traceback
+    except (ValueError, OSError) as e:  # bad input (a missing or unreadable file, a wrong value): no traceback
         raise SystemExit(f"sample.py: error: {e}") from None

@@ -40,7 +40,7 @@ out_dir = "outputs"
 dit_preset = "cosmos_2b"
 base_checkpoint = ""  # official *_ema_bf16.pt (or model.pt); "" = random init (benchmarks only)
 dtype = "bfloat16"  # compute dtype of the frozen base; LoRA master weights and optimizer state stay fp32
-attention_backend = "triton"  # "triton" (our kernel on CUDA) or "sdpa"
+attention_backend = "sdpa"  # "sdpa" (cuDNN first: fastest on the H100 today) or "triton" (kernels/attention.py)
 activation_checkpointing = "selective"  # "none" | "full" | "selective" (keeps attention outputs)
 # data
 dataset_dir = "datasets/cosmos_nemo_assets"
@@ -258,7 +258,10 @@ def build_model(device):
 
 def shard_model(model):
     """FSDP2: every block, then the root. Parameters are gathered in the compute dtype, gradients reduced in fp32."""
-    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
+    # cast_forward_inputs=False: the timestep embedding, the adaLN-LoRA term and the RoPE table enter each block in
+    # fp32 on purpose (the reference's fp32 strategy); FSDP must not round them to bf16
+    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32,
+                              cast_forward_inputs=False)
     for i, block in enumerate(model.blocks):
         fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(model.blocks) - 1)
     fully_shard(model, mp_policy=mp)
@@ -408,21 +411,37 @@ def load_checkpoint(path, model, optimizer, scheduler, ema, meta):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def validate(model, ema, step, run_dir, rank, world_size, device):
-    if not (vae_checkpoint and text_encoder):
-        if rank == 0 and step == val_iter:
-            print("validation skipped: set vae_checkpoint and text_encoder to sample validation videos")
-        return
+def load_validation(device):
+    """Validation prompts encoded once (the text encoder is then freed) and the VAE kept for the run; built before
+    the DiT so the 7B encoder never shares the GPU with the training state. None when validation is off."""
+    if not val_iter:
+        return None
+    if not (vae_checkpoint and text_encoder and val_prompts):
+        if dist.get_rank() == 0:
+            print("validation skipped: set vae_checkpoint, text_encoder and val_prompts to sample validation videos")
+        return None
     import sample
 
-    swap_ema(model, ema)  # sample with the EMA weights, then swap back
+    texts = list(val_prompts) + ([sample.DEFAULT_NEGATIVE_PROMPT] if val_guidance else [])
+    return sample.encode_prompts(texts, text_encoder, device), sample.load_vae(vae_checkpoint, device)
+
+
+def validate(validation, model, ema, step, run_dir, rank, world_size, device):
+    """Every rank samples ceil(n / world) clips with the EMA weights (FSDP needs the same forwards on all ranks;
+    a rank past the end of the list samples a spare copy and writes nothing)."""
+    import sample
+
+    embeddings, vae = validation
+    per_rank = -(-len(val_prompts) // world_size)
+    swap_ema(model, ema)
     try:
-        prompts = val_prompts[rank::world_size]
-        for i, prompt in enumerate(prompts):
+        for k in range(per_rank):
+            i = rank + k * world_size
+            path = run_dir / "validation" / f"iter_{step:09d}_{i:02d}.mp4" if i < len(val_prompts) else None
             sample.generate_to_file(
-                model, run_dir / "validation" / f"iter_{step:09d}_{rank * len(prompts) + i:02d}.mp4",
-                vae_checkpoint=vae_checkpoint, text_encoder=text_encoder, prompt=prompt, num_frames=val_num_frames,
-                resolution=video_size, steps=val_steps, guidance=val_guidance, seed=seed + i, device=device)
+                model, path, vae, embeddings[val_prompts[i % len(val_prompts)]],
+                embeddings.get(sample.DEFAULT_NEGATIVE_PROMPT), num_frames=val_num_frames, resolution=video_size,
+                steps=val_steps, guidance=val_guidance, seed=seed + i, device=device)
     finally:
         swap_ema(model, ema)
     dist.barrier()
@@ -464,6 +483,7 @@ def main(argv):
         print(json.dumps(config, indent=2, default=str))
         (run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
 
+    validation = load_validation(device)
     model = shard_model(build_model(device))
     trainable = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -544,8 +564,8 @@ def main(argv):
             path = save_checkpoint(run_dir, model, optimizer, scheduler, ema, step, rank, meta)
             if rank == 0:
                 bar.write(f"saved {path}")
-        if val_iter and step % val_iter == 0:
-            validate(model, ema, step, run_dir, rank, world_size, device)
+        if validation is not None and step % val_iter == 0:
+            validate(validation, model, ema, step, run_dir, rank, world_size, device)
     bar.close()
     if run is not None:
         run.finish()

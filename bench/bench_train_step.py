@@ -161,10 +161,35 @@ def diffusers_peft(preset, shape, device, warmup, repeat):
     return seconds, memory
 
 
+@torch.no_grad()
+def check_attention_backends(device, shape):
+    """The DiT with our Triton attention equals the DiT with SDPA to bf16 rounding (same weights and inputs)."""
+    train.dit_preset, train.dtype, train.attention_backend = "cosmos_2b", "bfloat16", "triton"
+    train.use_lora, train.base_checkpoint, train.seed = True, "", 0
+    reset_memory(device)
+    model = train.build_model(device)
+    T, H, W = shape
+    g = torch.Generator(device).manual_seed(1)
+    x = torch.randn(1, 16, T, H, W, device=device, generator=g, dtype=torch.bfloat16)
+    text = torch.randn(1, 512, 100352, device=device, generator=g, dtype=torch.bfloat16)
+    sigma = torch.full((1,), 0.7, device=device)
+    outs = {}
+    for backend in ("triton", "sdpa"):
+        for m in model.modules():
+            if hasattr(m, "backend"):
+                m.backend = backend
+        outs[backend] = model(x, sigma, text)
+    ref = model.float()(x.float(), sigma, text.float())  # fp32 SDPA reference
+    err = {b: ((o - ref).norm() / ref.norm()).item() for b, o in outs.items()}
+    del model
+    return err
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (checks the script runs)")
     parser.add_argument("--skip_14b", action="store_true")
+    parser.add_argument("--skip_peer", action="store_true", help="re-runs on a machine where the peer was just timed")
     args = parser.parse_args()
     rank, world, device = train.init_distributed()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -180,15 +205,20 @@ def main():
         if not args.skip_14b:
             cases.append(("cosmos_14b", (24, 88, 160), "full", "triton"))
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    if not args.smoke:
+        err = check_attention_backends(device, (24, 54, 96))
+        print(f"2B forward at 24x54x96, relative error vs fp32: triton {err['triton']:.2e}, sdpa {err['sdpa']:.2e}",
+              flush=True)
     rows = []
     peer = {}
-    for preset, shape in peer_cases:
+    for preset, shape in [] if args.skip_peer else peer_cases:
         peer[(preset, shape)] = diffusers_peft(preset, shape, device, warmup, repeat)
         print(f"diffusers+PEFT {preset} {shape}: {peer[(preset, shape)][0]:.3f} s, {peer[(preset, shape)][1]:.1f} GiB",
               flush=True)
     for preset, shape, ckpt, backend in cases:
         try:
-            seconds, memory = ours(preset, shape, device, warmup, repeat, ckpt, backend)
+            seconds, memory = ours(preset, shape, device, warmup, 1 if preset == "cosmos_14b" else repeat, ckpt,
+                                   backend)
         except torch.OutOfMemoryError:
             seconds, memory = float("nan"), peak_gib(device)
         print(f"ours {preset} {shape} {ckpt} {backend}: {seconds:.3f} s, {memory:.1f} GiB", flush=True)

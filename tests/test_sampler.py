@@ -15,6 +15,15 @@ REFERENCE_TIMESTEPS_35 = [999, 993, 987, 981, 974, 967, 960, 952, 943, 935, 925,
                           824, 807, 789, 768, 746, 722, 695, 666, 633, 596, 555, 508, 454, 391, 318, 232, 128]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is fastest, and on a busy 2-core machine two threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
@@ -489,6 +498,11 @@ def dit_output(net):
         return net(x, torch.tensor([0.6]), emb, condition_mask=mask)
 
 
+def load(path, loras=(), merge=False, config=None):
+    """sample.py's way: the checkpoint opened on the CPU, then moved to the device (and merged)."""
+    return sample.dit_to_device(sample.load_dit(path, loras, config), torch.device("cpu"), merge)
+
+
 def save_checkpoint(net, path):
     torch.save({"net." + k: v for k, v in net.state_dict().items()}, path)
     return path
@@ -497,9 +511,9 @@ def save_checkpoint(net, path):
 def test_load_dit_with_the_checkpoints_adapter(tmp_path):
     net = tiny_dit(rank=4, alpha=4)
     path = save_checkpoint(net, tmp_path / "model_ema_bf16.pt")
-    loaded = sample.load_dit(path, [], False, torch.device("cpu"))
+    loaded = load(path)
     assert torch.allclose(dit_output(loaded), dit_output(net), rtol=1e-6, atol=1e-6)
-    merged = sample.load_dit(path, [], True, torch.device("cpu"))
+    merged = load(path, merge=True)
     assert torch.allclose(dit_output(merged), dit_output(net), rtol=1e-5, atol=1e-5)
 
     # alpha is not in the file: alpha = rank unless a training config says otherwise
@@ -507,9 +521,9 @@ def test_load_dit_with_the_checkpoints_adapter(tmp_path):
     path8 = save_checkpoint(net8, tmp_path / "alpha8.pt")
     config = tmp_path / "lora.py"
     config.write_text("dit_preset = 'tiny'\nlora_rank = 4\nlora_alpha = 8\n")
-    assert torch.allclose(dit_output(sample.load_dit(path8, [], False, torch.device("cpu"), config)),
+    assert torch.allclose(dit_output(load(path8, config=config)),
                           dit_output(net8), rtol=1e-6, atol=1e-6)
-    assert not torch.allclose(dit_output(sample.load_dit(path8, [], False, torch.device("cpu"))),
+    assert not torch.allclose(dit_output(load(path8)),
                               dit_output(net8), rtol=1e-3, atol=1e-3)
 
 
@@ -535,10 +549,10 @@ def test_load_dit_with_extra_adapters(tmp_path, layout):
     set_adapter_scale(expected, "extra", 0.5)
 
     spec = [sample.parse_lora_spec(f"{tmp_path / 'extra.safetensors'}:0.5")]
-    loaded = sample.load_dit(path, spec, False, torch.device("cpu"))
+    loaded = load(path, spec)
     assert torch.allclose(dit_output(loaded), dit_output(expected), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(dit_output(loaded), dit_output(net), rtol=1e-3, atol=1e-3)
-    merged = sample.load_dit(path, spec, True, torch.device("cpu"))
+    merged = load(path, spec, merge=True)
     assert torch.allclose(dit_output(merged), dit_output(expected), rtol=1e-4, atol=1e-5)
 
 
@@ -552,5 +566,21 @@ def test_adapter_for_another_model_size(tmp_path):
     other = DiT(DIT_PRESETS["tiny"].__class__(**{**DIT_PRESETS["tiny"].__dict__, "model_channels": 64}))
     inject_lora(other, rank=2, alpha=2)
     save_file({k: v.contiguous() for k, v in lora_state_dict(other).items()}, tmp_path / "other.safetensors")
-    with pytest.raises(KeyError, match="other.safetensors.*another model size"):
-        sample.load_dit(path, [(tmp_path / "other.safetensors", 1.0)], False, torch.device("cpu"))
+    with pytest.raises(ValueError, match="other.safetensors.*mis-shaped.*another model size"):
+        sample.load_dit(path, [(tmp_path / "other.safetensors", 1.0)])
+
+
+def test_vae_config_is_read_from_the_file_shapes():
+    from model import WanVAE, WanVAEConfig
+
+    for cfg in [WanVAEConfig(), WanVAEConfig(dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
+                WanVAEConfig(dim=12, dim_mult=(1, 2, 4, 4), num_res_blocks=3, temperal_downsample=(True, False, True))]:
+        with torch.device("meta"):
+            state_dict = WanVAE(cfg).state_dict()
+        assert sample.wan_vae_config(state_dict, "tokenizer.pth") == cfg
+    with torch.device("meta"):  # 4x downsampling in space: not what the DiT's latents are
+        state_dict = WanVAE(WanVAEConfig(dim=8, dim_mult=(1, 2, 2), temperal_downsample=(True, True))).state_dict()
+    with pytest.raises(ValueError, match="small.pth: a VAE compressing 4x4x4, not the 4x8x8"):
+        sample.wan_vae_config(state_dict, "small.pth")
+    with pytest.raises(ValueError, match="dit.pt is not a Wan2.1 VAE checkpoint"):
+        sample.wan_vae_config({"x_embedder.proj.1.weight": torch.zeros(2, 2)}, "dit.pt")
