@@ -906,6 +906,7 @@ class WanVAE(nn.Module):
     def from_pretrained(cls, path, device="cpu", dtype=torch.bfloat16, cfg: WanVAEConfig | None = None):
         """Strictly load `tokenizer.pth` (= Wan2.1_VAE.pth, or a .safetensors): a flat state dict, no key prefix."""
         state_dict = read_tensor_file(path, "Wan VAE checkpoint")
+        cfg = cfg or wan_vae_config(state_dict, path)
         with torch.device("meta"):
             model = cls(cfg)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -920,6 +921,27 @@ class WanVAE(nn.Module):
                              f"  mis-shaped ({len(mis_shaped)}): {mis_shaped}")
         model.load_state_dict(state_dict, strict=True, assign=True)
         return model.to(device=device, dtype=dtype).eval()
+
+
+def wan_vae_config(state_dict, source):
+    """The WanVAEConfig of a VAE file, read from its shapes: Wan2.1's own, or a smaller one (tests)."""
+    sd = state_dict
+    try:
+        dim = sd["encoder.conv1.weight"].shape[0]
+        layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.downsamples."))
+        resamples = [i for i in range(layers) if f"encoder.downsamples.{i}.resample.1.weight" in sd]
+        # each stage: num_res_blocks residual blocks, then a resample (but the last); its width is its blocks' width
+        stage_ends = [i - 1 for i in resamples] + [layers - 1]
+        cfg = WanVAEConfig(dim=dim, z_dim=sd["conv2.weight"].shape[0], num_res_blocks=resamples[0],
+                           dim_mult=[sd[f"encoder.downsamples.{i}.residual.6.weight"].shape[0] // dim
+                                     for i in stage_ends],
+                           temperal_downsample=[f"encoder.downsamples.{i}.time_conv.weight" in sd for i in resamples])
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"{source} is not a Wan2.1 VAE checkpoint ({type(e).__name__}: {e})") from None
+    if (cfg.temporal_factor, cfg.spatial_factor) != (4, 8):
+        raise ValueError(f"{source}: a VAE compressing {cfg.temporal_factor}x{cfg.spatial_factor}x"
+                         f"{cfg.spatial_factor}, not the 4x8x8 the Cosmos DiT works with")
+    return cfg
 
 
 # Key maps between the official layout (tokenizer.pth, ours) and diffusers' AutoencoderKLWan. The encoder's flat

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from model import read_tensor_file, wan_vae_config
+
 # The reference's default negative prompt (cosmos_predict2/config.py), used by the unconditional CFG branch.
 DEFAULT_NEGATIVE_PROMPT = (
     "The video captures a series of frames showing ugly scenes, static with no motion, motion blur, "
@@ -372,7 +374,7 @@ def text_embeddings(samples, text_encoder, prompt_embeds, device):
         return encode_prompts([t for s in samples for t in [s.prompt] + ([s.negative_prompt] if s.guidance else [])],
                               text_encoder, device)
     (sample,) = samples
-    tensors = read_tensors(prompt_embeds)
+    tensors = read_tensor_file(prompt_embeds)
     wanted = {"prompt": sample.prompt} | ({"negative_prompt": sample.negative_prompt} if sample.guidance else {})
     missing = [k for k in wanted if k not in tensors]
     if missing:
@@ -386,7 +388,7 @@ def check_text_width(net, text_encoder, prompt_embeds):
     from model import TextEncoderConfig
 
     if prompt_embeds is not None:
-        widths = {k: v.shape[-1] for k, v in read_tensors(prompt_embeds).items()}
+        widths = {k: v.shape[-1] for k, v in read_tensor_file(prompt_embeds).items()}
         source = f"--prompt_embeds {prompt_embeds}"
     else:
         try:
@@ -402,24 +404,6 @@ def check_text_width(net, text_encoder, prompt_embeds):
                          f"but the DiT's cross-attention takes {expected}")
 
 
-def read_tensors(path):
-    """A flat {name: tensor} file, .safetensors or torch (.pt/.pth), read without copying it twice."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(path)
-        tensors = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable tensor file ({type(e).__name__}: {e})") from None
-    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-        raise ValueError(f"{path} does not hold a flat dict of tensors")
-    return tensors
-
-
 def parse_lora_spec(spec):
     """'file[:scale]' -> (Path, scale)."""
     path, sep, scale = spec.rpartition(":")
@@ -432,28 +416,6 @@ def parse_lora_spec(spec):
     if not Path(path).is_file():
         raise FileNotFoundError(f"--lora {spec}: adapter file {path} does not exist")
     return Path(path), scale
-
-
-def read_adapter(path, adapter_name):
-    """An adapter file in our layout (`<module>.lora_A.<any>.weight`, optionally under `net.`) or diffusers'
-    (`[transformer.]transformer_blocks.<i>.attn1.to_q.lora_A.weight`) -> our keys under `adapter_name`."""
-    from convert import dit_key_from_diffusers
-
-    out = {}
-    for key, value in read_tensors(path).items():
-        key = key.removeprefix("net.").removeprefix("transformer.")
-        if key.startswith("transformer_blocks."):
-            try:
-                key = dit_key_from_diffusers(key, adapter_name)
-            except KeyError as e:
-                raise ValueError(f"{path}: {e.args[0]}") from None
-        parts = key.rsplit(".", 3)  # module, lora_A|lora_B, adapter name, weight
-        if len(parts) != 4 or parts[1] not in ("lora_A", "lora_B") or parts[3] != "weight":
-            raise ValueError(f"{path}: {key!r} is not a LoRA weight (expected <module>.lora_A|lora_B.<name>.weight)")
-        out[f"{parts[0]}.{parts[1]}.{adapter_name}.weight"] = value
-    if not out:
-        raise ValueError(f"{path} holds no LoRA weights")
-    return out
 
 
 def add_adapters(net, state_dict):
@@ -484,6 +446,7 @@ def load_dit(ckpt, loras=(), config=None):
     The preset and the checkpoint's adapter come from its shapes (adapter alpha = rank), or from a training config
     file (`dit_preset`, `use_lora`, `lora_rank`, `lora_alpha`, `lora_target_modules`), like the reference's
     --experiment."""
+    from convert import read_adapter
     from lora import inject_lora, load_lora_state_dict, set_adapter_scale
     from model import DIT_PRESETS, DiT, infer_dit_config, load_checkpoint_file
 
@@ -506,10 +469,10 @@ def load_dit(ckpt, loras=(), config=None):
         raise ValueError(e.args[0]) from None
     for i, (path, scale) in enumerate(loras):
         name = f"lora{i}"
-        adapter = read_adapter(path, name)
+        adapter = read_adapter(path)  # ours, diffusers' or ComfyUI's layout, with its rank and alpha
         try:
-            add_adapters(net, adapter)
-            load_lora_state_dict(net, adapter, name)
+            inject_lora(net, list(adapter.modules), rank=adapter.rank, alpha=adapter.alpha, adapter_name=name)
+            load_lora_state_dict(net, adapter.state_dict(name), name)
         except (KeyError, ValueError) as e:
             raise ValueError(f"--lora {path}: {e.args[0]} (an adapter trained for another model size?)") from None
         set_adapter_scale(net, name, scale)
@@ -528,36 +491,11 @@ def dit_to_device(net, device, merge=False):
     return net
 
 
-def wan_vae_config(state_dict, source):
-    """The WanVAEConfig of a VAE file, read from its shapes: Wan2.1's own, or a smaller one (tests)."""
-    from model import WanVAEConfig
-
-    sd = state_dict
-    try:
-        dim = sd["encoder.conv1.weight"].shape[0]
-        layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.downsamples."))
-        resamples = [i for i in range(layers) if f"encoder.downsamples.{i}.resample.1.weight" in sd]
-        # each stage: num_res_blocks residual blocks, then a resample (but the last); its width is its blocks' width
-        stage_ends = [i - 1 for i in resamples] + [layers - 1]
-        cfg = WanVAEConfig(dim=dim, z_dim=sd["conv2.weight"].shape[0], num_res_blocks=resamples[0],
-                           dim_mult=[sd[f"encoder.downsamples.{i}.residual.6.weight"].shape[0] // dim
-                                     for i in stage_ends],
-                           temperal_downsample=[f"encoder.downsamples.{i}.time_conv.weight" in sd for i in resamples])
-    except (KeyError, IndexError, ValueError) as e:
-        raise ValueError(f"{source} is not a Wan2.1 VAE checkpoint ({type(e).__name__}: {e})") from None
-    if (cfg.temporal_factor, cfg.spatial_factor) != (VAE_TIME_FACTOR, VAE_SPACE_FACTOR):
-        raise ValueError(f"{source}: a VAE compressing {cfg.temporal_factor}x{cfg.spatial_factor}x"
-                         f"{cfg.spatial_factor}, not the {VAE_TIME_FACTOR}x{VAE_SPACE_FACTOR}x{VAE_SPACE_FACTOR} "
-                         f"the Cosmos DiT works with")
-    return cfg
-
-
 def load_vae(path, device):
     """The Wan VAE of `path` on `device`, in the inference dtype."""
     from model import WanVAE
 
-    return WanVAE.from_pretrained(path, device=device, dtype=dtype_for(device),
-                                  cfg=wan_vae_config(read_tensors(path), path))
+    return WanVAE.from_pretrained(path, device=device, dtype=dtype_for(device))
 
 
 def dtype_for(device):
@@ -733,7 +671,7 @@ def main(argv=None):
                 frames[s.name] = pixels
     net = load_dit(args.ckpt, loras, args.config)
     check_text_width(net, args.text_encoder, args.prompt_embeds)
-    wan_vae_config(read_tensors(args.vae), args.vae)
+    wan_vae_config(read_tensor_file(args.vae, "Wan VAE checkpoint"), args.vae)
     if not mine:
         return
 

@@ -571,16 +571,16 @@ def test_adapter_for_another_model_size(tmp_path):
 
 
 def test_vae_config_is_read_from_the_file_shapes():
-    from model import WanVAE, WanVAEConfig
+    from model import WanVAE, WanVAEConfig, wan_vae_config
 
     for cfg in [WanVAEConfig(), WanVAEConfig(dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
                 WanVAEConfig(dim=12, dim_mult=(1, 2, 4, 4), num_res_blocks=3, temperal_downsample=(True, False, True))]:
         with torch.device("meta"):
             state_dict = WanVAE(cfg).state_dict()
-        assert sample.wan_vae_config(state_dict, "tokenizer.pth") == cfg
+        assert wan_vae_config(state_dict, "tokenizer.pth") == cfg
     with torch.device("meta"):  # 4x downsampling in space: not what the DiT's latents are
         state_dict = WanVAE(WanVAEConfig(dim=8, dim_mult=(1, 2, 2), temperal_downsample=(True, True))).state_dict()
     with pytest.raises(ValueError, match="small.pth: a VAE compressing 4x4x4, not the 4x8x8"):
-        sample.wan_vae_config(state_dict, "small.pth")
+        wan_vae_config(state_dict, "small.pth")
     with pytest.raises(ValueError, match="dit.pt is not a Wan2.1 VAE checkpoint"):
-        sample.wan_vae_config({"x_embedder.proj.1.weight": torch.zeros(2, 2)}, "dit.pt")
+        wan_vae_config({"x_embedder.proj.1.weight": torch.zeros(2, 2)}, "dit.pt")

@@ -179,10 +179,12 @@ def test_from_pretrained_strict(tmp_path):
     with pytest.raises(ValueError, match=r"shape\.pth(.|\n)*conv2\.weight: file \(16, 16, 1, 1\), "
                                          r"expected \(16, 16, 1, 1, 1\)"):
         WanVAE.from_pretrained(shaped, cfg=SMALL)
-    # the default (released) config rejects a small checkpoint
+    # without a config, the file's shapes give it; a config given explicitly must match the file
+    inferred = WanVAE.from_pretrained(good, dtype=torch.float32)
+    assert {k: v.shape for k, v in inferred.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"tokenizer\.pth does not match(.|\n)*"
                                          r"encoder\.conv1\.weight: file \(8, 3, 3, 3, 3\)"):
-        WanVAE.from_pretrained(good)
+        WanVAE.from_pretrained(good, cfg=WanVAEConfig())
 
     text = tmp_path / "notes.pth"
     text.write_text("not a checkpoint")
