@@ -557,7 +557,7 @@ def main(argv):
             if run is not None:
                 run.log(log, step=step)
             if rank == 0:
-                bar.write(f"iter {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in log.items()))
+                bar.write(f"iter {step}: " + ", ".join(f"{k} {v:.6g}" for k, v in log.items()))
             window.zero_()
             window_steps = 0
         if step % save_iter == 0 or step == max_iter:
