@@ -59,6 +59,9 @@ def main():
 
     with torch.device(device):
         encoder = TextEncoder(te_cfg, word_tokenizer(captions)).to(torch.bfloat16).eval()
+    if device.type == "cuda":  # the random init ran in fp32; a real load streams bf16 weights
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     t0 = synced(device)
     prep_data.encode_captions(plan, encoder, plan.captions, show_progress=False)
     text_s = (synced(device) - t0) / len(plan.captions)
@@ -70,6 +73,8 @@ def main():
 
     with torch.device(device):
         vae = WanVAE(vae_cfg).to(torch.bfloat16).eval()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     prep_data.encode_clips(plan, vae, plan.clips[:1], show_progress=False)  # warm-up (cuDNN autotuning)
     t0 = synced(device)
     prep_data.encode_clips(plan, vae, plan.clips, show_progress=False)
