@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -449,6 +449,9 @@ def validate(validation, model, ema, step, run_dir, rank, world_size, device):
 
 @torch.no_grad()
 def swap_ema(model, ema):
+    for module in model.modules():  # a forward without backward leaves FSDP modules gathered; shard them first
+        if isinstance(module, FSDPModule):
+            module.reshard()
     params = dict(model.named_parameters())
     for name, shadow in ema.items():
         p = params[name]

@@ -243,3 +243,67 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch_and_resume_on_one(c
 def test_missing_base_checkpoint_fails_before_work(cache, tmp_path):
     result = run_train(tmp_path, cache, "base_checkpoint='/nonexistent/base.pt'", "max_iter=1", check=False)
     assert result.returncode != 0 and "/nonexistent/base.pt" in result.stderr
+
+
+NAN_AT_THIRD_STEP = """
+import sys
+import train
+real_loss, calls = train.flow_matching_loss, []
+def loss_that_breaks(*args):
+    per_sample, n_cond = real_loss(*args)
+    calls.append(1)
+    return (per_sample * float("nan") if len(calls) == 3 else per_sample), n_cond
+train.flow_matching_loss = loss_that_breaks
+train.main(sys.argv[1:])
+"""
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step_and_resume_works(cache, tmp_path):
+    args = ["dit_preset='tiny'", "dtype='float32'", f"cache_dir='{cache}'", f"out_dir='{tmp_path}'",
+            "num_workers=0", "wandb=False", "val_iter=0", "max_iter=4", "save_iter=2"]
+    broken = subprocess.run([sys.executable, "-c", NAN_AT_THIRD_STEP, *args], cwd=REPO, capture_output=True, text=True)
+    assert broken.returncode != 0 and "non-finite loss (nan)" in broken.stderr and "iteration 2" in broken.stderr
+    assert (tmp_path / "run" / "checkpoints" / "latest_checkpoint.txt").read_text().strip() == "iter_000000002"
+    result = run_train(tmp_path, cache, "max_iter=4", "save_iter=2")
+    assert "iteration 2" in result.stdout and ckpt(tmp_path, 4).exists()
+
+
+@pytest.fixture(scope="module")
+def validation_models(tmp_path_factory):
+    """A tiny Wan VAE file and a tiny Qwen2.5-VL text-encoder folder whose 4 layers x 64 = 256 features fit the
+    tiny DiT."""
+    import transformers
+
+    from model import WanVAE, WanVAEConfig
+    from test_text_encoder import write_tiny_qwen_tokenizer
+
+    root = tmp_path_factory.mktemp("validation_models")
+    cfg = transformers.Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=512, rms_norm_eps=1e-6, max_position_embeddings=1024,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": [4, 6, 6]}),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=64,
+                           fullatt_block_indexes=[0]))
+    torch.manual_seed(0)
+    transformers.Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(root / "text_encoder")
+    write_tiny_qwen_tokenizer(root / "text_encoder")
+    torch.save(WanVAE(WanVAEConfig(dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1)).state_dict(),
+               root / "tokenizer.pth")
+    return root
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_validation_videos_on_every_rank(cache, tmp_path, validation_models, nproc):
+    """Validation samples with the EMA weights on all ranks (3 prompts over 2 ranks: one rank samples a spare
+    copy and writes nothing, so FSDP's collectives stay in step) and writes one mp4 per prompt."""
+    from prep_data import read_video
+
+    run_train(tmp_path, cache, "max_iter=2", "save_iter=2", "val_iter=2", "val_num_frames=5", "val_steps=2",
+              "video_size=(32, 32)", f"vae_checkpoint='{validation_models / 'tokenizer.pth'}'",
+              f"text_encoder='{validation_models / 'text_encoder'}'",
+              "val_prompts=['A video of sks teal robot.', 'A red circle.', 'A blue square.']", nproc=nproc)
+    videos = sorted((tmp_path / "run" / "validation").glob("*.mp4"))
+    assert [v.name for v in videos] == [f"iter_000000002_{i:02d}.mp4" for i in range(3)]
+    frames, info = read_video(videos[0])
+    assert frames.shape == (5, 32, 32, 3)
