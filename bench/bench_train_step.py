@@ -189,6 +189,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (checks the script runs)")
     parser.add_argument("--skip_14b", action="store_true")
+    parser.add_argument("--backends", default="sdpa,triton", help="attention backends of our 2B rows")
     parser.add_argument("--skip_peer", action="store_true", help="re-runs on a machine where the peer was just timed")
     args = parser.parse_args()
     rank, world, device = train.init_distributed()
@@ -198,8 +199,8 @@ def main():
         peer_cases = [("tiny", (3, 4, 4))]
         warmup, repeat = 1, 2
     else:
-        cases = [("cosmos_2b", (24, 88, 160), "selective", "triton"), ("cosmos_2b", (24, 54, 96), "selective", "triton"),
-                 ("cosmos_2b", (24, 54, 96), "selective", "sdpa")]
+        cases = [("cosmos_2b", shape, "selective", backend) for shape in ((24, 88, 160), (24, 54, 96))
+                 for backend in args.backends.split(",")]
         peer_cases = [("cosmos_2b", (24, 88, 160)), ("cosmos_2b", (24, 54, 96))]
         warmup, repeat = 1, 3
         if not args.skip_14b:
