@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -208,6 +209,58 @@ def keep_attention_context():
     return create_selective_checkpoint_contexts(policy)
 
 
+# Context parallelism (Ulysses): the ranks of a group each hold a contiguous share of a video's latent frames.
+# Everything per token runs on the local frames; self-attention swaps the split for a moment: an all-to-all gives
+# every rank the whole sequence for 1/cp of the heads, attention runs, and a second all-to-all swaps back.
+
+
+def all_to_all(x, group, scatter_dim, gather_dim):
+    """Cut x into cp chunks along scatter_dim, send chunk j to rank j, join what arrives along gather_dim in rank
+    order: [B, L/cp, H, D] -> [B, L, H/cp, D] with (scatter 2, gather 1), and back with (1, 2)."""
+    send = torch.stack(x.chunk(dist.get_world_size(group), dim=scatter_dim))  # [cp, ...] contiguous
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return torch.cat(recv.unbind(0), dim=gather_dim)
+
+
+class AllToAll(torch.autograd.Function):
+    """all_to_all with autograd: the gradient goes back the way it came (scatter and gather dims swapped)."""
+
+    @staticmethod
+    def forward(ctx, x, group, scatter_dim, gather_dim):
+        ctx.group, ctx.scatter_dim, ctx.gather_dim = group, scatter_dim, gather_dim
+        return all_to_all(x, group, scatter_dim, gather_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_to_all(grad, ctx.group, ctx.gather_dim, ctx.scatter_dim), None, None, None
+
+
+def local_frames(x, dim, group):
+    """This rank's share of x along its frame axis `dim`: rank r of cp holds frames [r T/cp, (r+1) T/cp)."""
+    return x.chunk(dist.get_world_size(group), dim=dim)[dist.get_rank(group)]
+
+
+class GatherFrames(torch.autograd.Function):
+    """[B,C,T/cp,H,W] on each rank -> the whole [B,C,T,H,W] on every rank. Backward: every rank's copy of the
+    output may feed its own loss, so a rank's frames get the sum of all ranks' gradients (all-reduce, then its
+    share). Each rank's loss thus counts once, as in data parallel: with the same loss on the cp ranks of a group,
+    their summed parameter gradients are cp times that loss's gradient, which FSDP's mean over all ranks expects."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        chunks = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(chunks, x.contiguous(), group=group)
+        return torch.cat(chunks, dim=2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return local_frames(grad, 2, ctx.group), None
+
+
 class Attention(nn.Module):
     """Self-attention (context_dim None, with RoPE) or cross-attention; per-head RMSNorm on q and k."""
 
@@ -222,6 +275,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim)
         self.v_proj = nn.Linear(context_dim, query_dim, bias=False)
         self.output_proj = nn.Linear(query_dim, query_dim, bias=False)
+        self.cp_group = None  # self-attention under context parallelism (DiT.enable_context_parallel)
 
     def forward(self, x_B_L_D, context_B_M_C=None, rope_cos_sin=None):
         context = x_B_L_D if context_B_M_C is None else context_B_M_C
@@ -231,7 +285,12 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if self.is_selfattn:
             q, k = apply_rope(q, *rope_cos_sin), apply_rope(k, *rope_cos_sin)
-        out = attention(q, k, v, self.backend)  # [B,L,H,Dh]
+        if self.cp_group is None:
+            out = attention(q, k, v, self.backend)  # [B,L,H,Dh]
+        else:  # L is this rank's share of the tokens: gather the sequence, split the heads, attend, swap back
+            qkv = AllToAll.apply(torch.stack([q, k, v]), self.cp_group, 3, 2)  # [3,B,L*cp,H/cp,Dh]
+            out = attention(*qkv.unbind(0), self.backend)  # [B,L*cp,H/cp,Dh]
+            out = AllToAll.apply(out, self.cp_group, 1, 2)  # [B,L,H,Dh]
         return self.output_proj(out.flatten(2))  # [B,L,D]
 
 
@@ -358,7 +417,22 @@ class DiT(nn.Module):
             dtype = torch.float32 if name == "accum_train_in_hours" else torch.int64
             self.register_buffer(name, torch.zeros((), dtype=dtype))
         self.activation_checkpointing = "none"  # "none" | "full" | "selective" (set by train.py)
+        self.cp_group = None  # context parallelism (enable_context_parallel)
         self.initialize_weights()
+
+    def enable_context_parallel(self, group):
+        """Spread every video over the ranks of the process group `group` (None: back to one rank). The ranks must
+        call forward together with the same whole inputs; each keeps its contiguous share of the latent frames
+        (T' / cp), self-attention runs through all-to-alls over the heads, and every rank returns the whole output
+        (GatherFrames). Needs num_heads % cp == 0 here and T' % cp == 0 in forward."""
+        if group is not None:
+            cp = dist.get_world_size(group)
+            if self.cfg.num_heads % cp:
+                raise ValueError(f"context parallelism splits the attention heads: {self.cfg.num_heads} heads do not "
+                                 f"divide over {cp} ranks (context_parallel_size must divide {self.cfg.num_heads})")
+        self.cp_group = group
+        for block in self.blocks:
+            block.self_attn.cp_group = group
 
     @torch.no_grad()
     def initialize_weights(self):
@@ -388,7 +462,8 @@ class DiT(nn.Module):
     def forward(self, x, sigma, crossattn_emb, condition_mask=None, padding_mask=None):
         """x [B,16,T,H,W] noisy latents; sigma [B] or [B,T] in [0,1]; crossattn_emb [B,M,100352] (or [B,M,1024]
         without projection); condition_mask [B,1,T,H,W] (1 on conditioning frames); padding_mask [B,1,H',W'].
-        Returns the velocity prediction [B,16,T,H,W] in fp32."""
+        Returns the velocity prediction [B,16,T,H,W] in fp32. Under context parallelism every rank of the group
+        passes the same whole inputs and gets the whole output."""
         cfg = self.cfg
         B, C, T, H, W = x.shape
         p, pt = cfg.patch_spatial, cfg.patch_temporal
@@ -406,19 +481,28 @@ class DiT(nn.Module):
             padding_mask = F.interpolate(padding_mask.to(x.dtype), size=(H, W), mode="nearest")  # [B,1,H,W]
             inputs.append(padding_mask[:, :, None].expand(B, 1, T, H, W))
         x_B_C_T_H_W = torch.cat(inputs, dim=1).to(dtype)  # [B,18,T,H,W]
+        rope_cos_sin = self.pos_embedder(T // pt, H // p, W // p)  # 2 x [L,Dh] fp32, L = T'H'W', frame-major
+        sigma_B_T = sigma.reshape(B, -1)  # [B,1] or [B,T]
+        if sigma_B_T.shape[1] not in (1, T // pt):
+            raise ValueError(f"sigma must have shape [B] or [B,T] with T={T // pt}, got {tuple(sigma.shape)}")
+        if self.cp_group is not None:  # keep this rank's frames: of the input, the RoPE rows and per-frame sigmas
+            cp = dist.get_world_size(self.cp_group)
+            if (T // pt) % cp:
+                raise ValueError(f"context parallelism splits the {T // pt} latent frames (T' = T / patch_temporal) "
+                                 f"over {cp} ranks: T' must be a multiple of {cp}")
+            x_B_C_T_H_W = local_frames(x_B_C_T_H_W, 2, self.cp_group)  # [B,18,T/cp,H,W]
+            rope_cos_sin = [local_frames(t, 0, self.cp_group) for t in rope_cos_sin]  # 2 x [L/cp,Dh]
+            if sigma_B_T.shape[1] > 1:
+                sigma_B_T = local_frames(sigma_B_T, 1, self.cp_group)  # [B,T/cp]
 
-        x_B_T_H_W_D = self.x_embedder(x_B_C_T_H_W)  # [B,T',H',W',D]
+        x_B_T_H_W_D = self.x_embedder(x_B_C_T_H_W)  # [B,T',H',W',D] (T' local under context parallelism)
         _, Tp, Hp, Wp, D = x_B_T_H_W_D.shape
         x_B_T_HW_D = x_B_T_H_W_D.reshape(B, Tp, Hp * Wp, D)
-        rope_cos_sin = self.pos_embedder(Tp, Hp, Wp)  # 2 x [L,Dh] fp32
 
         if cfg.use_crossattn_projection:
             crossattn_emb = self.crossattn_proj(crossattn_emb.to(dtype))  # [B,M,1024]
         crossattn_emb = crossattn_emb.to(dtype)
 
-        sigma_B_T = sigma.reshape(B, -1)  # [B,1] or [B,T]
-        if sigma_B_T.shape[1] not in (1, Tp):
-            raise ValueError(f"sigma must have shape [B] or [B,T] with T={Tp}, got {tuple(sigma.shape)}")
         emb_B_T_D = self.t_embedder[0](sigma_B_T)  # [B,Tt,D] fp32
         adaln_lora_B_T_3D = self.t_embedder[1](emb_B_T_D)  # [B,Tt,3D] fp32
         t_emb_B_T_D = self.t_embedding_norm(emb_B_T_D)  # [B,Tt,D] fp32
@@ -436,7 +520,8 @@ class DiT(nn.Module):
         # unpatchify: the feature axis is ordered (p_h, p_w, p_t, C), channel fastest
         out = out.reshape(B, Tp, Hp, Wp, p, p, pt, cfg.out_channels)
         out = out.permute(0, 7, 1, 6, 2, 4, 3, 5)  # [B,C,T',pt,H',p,W',p]
-        return out.reshape(B, cfg.out_channels, Tp * pt, Hp * p, Wp * p)  # [B,16,T,H,W]
+        out = out.reshape(B, cfg.out_channels, Tp * pt, Hp * p, Wp * p)  # [B,16,T,H,W] (T/cp frames if parallel)
+        return out if self.cp_group is None else GatherFrames.apply(out, self.cp_group)  # [B,16,T,H,W]
 
     # ---------------------------------------------------------------------------------------------------------
     # Loading official checkpoints

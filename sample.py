@@ -3,7 +3,13 @@
     python sample.py --ckpt model_ema_bf16.pt --vae tokenizer.pth --text_encoder Cosmos-Reason1-7B
                      --prompt "A video of sks teal robot." [--image in.png | --video in.mp4] -o out.mp4
     python sample.py -i prompts.json -o outputs/ --ckpt ...                  # a batch, the reference's JSON format
+    torchrun --nproc_per_node=8 sample.py --prompt "..." -o out.mp4 ...      # one video over 8 GPUs
     torchrun --nproc_per_node=8 sample.py -i prompts.json -o outputs/ ...    # the samples spread over the GPUs
+
+Several processes (torchrun) share each video by context parallelism (its latent frames split over them, the
+attention heads split inside self-attention: model.py, DiT.enable_context_parallel), or each take whole samples:
+`--context_parallel_size` sets how many share a video; by default one process per sample when the samples divide
+evenly over the processes, else all processes on every video. Either way a seed gives the same video.
 
 What happens, in the reference's way (spec/vae_text_encoder_inference.md §3):
 1. the prompts and the negative prompt go through the text encoder, which is then freed;
@@ -24,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from model import read_tensor_file, wan_vae_config
@@ -596,7 +603,43 @@ def build_parser():
                      help="schedule shift towards high noise (default: %(default)s)")
     how.add_argument("--sampler", choices=list(SAMPLERS), default="unipc", help="flow UniPC (the reference's) or Euler")
     how.add_argument("--fps", type=int, default=16, help="frame rate of the written mp4 (default: %(default)s)")
+    how.add_argument("--context_parallel_size", type=int,
+                     help="processes sharing each video (must divide the process count, the DiT's heads and the "
+                          "latent frames); default: 1 when the samples divide evenly over the processes, else all")
     return p
+
+
+def default_context_parallel_size(num_samples, world):
+    """Whole samples per process when they divide evenly over the processes (no communication at all), otherwise
+    every process on each video in turn: either way no process waits for another."""
+    return 1 if num_samples % world == 0 else world
+
+
+def check_context_parallel(cp, world, num_heads, samples):
+    """Context parallelism splits the processes into groups, the heads and every sample's latent frames over a
+    group: all three must divide. Checked before any heavy work."""
+    if cp < 1 or world % cp:
+        raise ValueError(f"--context_parallel_size {cp} must divide the number of processes ({world})")
+    if num_heads % cp:
+        raise ValueError(f"context parallelism over {cp} processes splits the DiT's {num_heads} attention heads "
+                         f"evenly: choose a --context_parallel_size that divides {num_heads} (1: a sample per process)")
+    for s in samples:
+        latent_frames = 1 + (s.num_frames - 1) // VAE_TIME_FACTOR
+        if latent_frames % cp:
+            raise ValueError(f"sample {s.name!r}: {s.num_frames} frames make {latent_frames} latent frames, which "
+                             f"context parallelism cannot split evenly over {cp} processes; choose num_frames = 1 + 4k "
+                             f"with (1 + k) a multiple of {cp}, or another --context_parallel_size")
+
+
+def context_parallel_group(cp, rank, world, device):
+    """None for cp = 1 (no process group at all). Otherwise the process group is started (NCCL on the GPU, gloo on
+    the CPU) and the neighbouring processes [g*cp, (g+1)*cp) form group g; returns this process's group."""
+    if cp == 1:
+        return None
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
+    groups = [dist.new_group(list(range(g * cp, (g + 1) * cp))) for g in range(world // cp)]  # all make all
+    return groups[rank // cp]
 
 
 def samples_from_args(args):
@@ -661,7 +704,11 @@ def main(argv=None):
     # conditioning images and videos are decoded, the DiT checkpoint and the adapters are opened memory-mapped
     # and their shapes checked, and so are the VAE file and the width of the text embeddings.
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    mine = samples[rank::world]  # under torchrun each process takes every world-th sample
+    net = load_dit(args.ckpt, loras, args.config)
+    check_text_width(net, args.text_encoder, args.prompt_embeds)
+    cp = args.context_parallel_size or default_context_parallel_size(len(samples), world)
+    check_context_parallel(cp, world, net.cfg.num_heads, samples)
+    mine = samples[rank // cp::world // cp]  # group g (processes g*cp ... g*cp + cp-1): samples g, g + world/cp, ...
     mine_names = {s.name for s in mine}
     frames = {}
     for s in samples:
@@ -669,20 +716,22 @@ def main(argv=None):
             pixels = read_condition_frames(s)
             if s.name in mine_names:
                 frames[s.name] = pixels
-    net = load_dit(args.ckpt, loras, args.config)
-    check_text_width(net, args.text_encoder, args.prompt_embeds)
     wan_vae_config(read_tensor_file(args.vae, "Wan VAE checkpoint"), args.vae)
-    if not mine:
-        return
 
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    group = context_parallel_group(cp, rank, world, device)
+    if not mine:  # more processes than samples: nothing to do here
+        if group is not None:
+            dist.destroy_process_group()
+        return
     # the text encoder runs first and is freed; then the DiT's weights go to the device, then the VAE
     embeddings = text_embeddings(mine, args.text_encoder, args.prompt_embeds, device)
     net = dit_to_device(net, device, args.merge)
+    net.enable_context_parallel(group)  # every process of the group runs the same sampler; the DiT splits the work
     vae = load_vae(args.vae, device)
 
     from prep_data import write_video
@@ -691,6 +740,8 @@ def main(argv=None):
         neg = embeddings[s.negative_prompt] if s.guidance else None
         video, latents = generate(net, vae, s, frames.get(s.name), embeddings[s.prompt], neg, device, args.steps,
                                   args.shift, args.sampler, progress=rank == 0)
+        if rank % cp:  # the group's first process writes
+            continue
         path = paths[s.name]
         write_video(path, video.numpy(), fps=args.fps)
         if args.save_latents:
@@ -699,6 +750,8 @@ def main(argv=None):
             save_file({"latents": latents.contiguous()}, path.with_suffix(".safetensors"))
         print(f"[rank {rank}] {s.name}: {MODE_NAMES[s.num_cond_frames]}, {len(video)} frames "
               f"{s.resolution[0]}x{s.resolution[1]}, seed {s.seed} -> {path}")
+    if group is not None:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

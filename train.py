@@ -49,7 +49,8 @@ vae_checkpoint = ""  # tokenizer.pth, for online encoding and validation videos
 text_encoder = ""  # Cosmos-Reason1 folder, for online encoding and validation prompts
 num_frames = 93
 video_size = (704, 1280)
-batch_size = 1  # per rank
+batch_size = 1  # per rank (per context-parallel group when context_parallel_size > 1)
+context_parallel_size = 1  # ranks sharing each video (its latent frames split over them); the reference's LoRA uses 1
 num_workers = 4
 caption_dropout = 0.2  # whole text embedding zeroed with this probability
 # LoRA
@@ -179,7 +180,8 @@ def flow_matching_loss(model, x0, text_emb, generators):
 def sample_generators(step, rank, world_size, device):
     """One generator per sample of this rank's batch, keyed by the sample's place in the global stream (the
     sampler deals global positions round-robin): resuming reproduces a step exactly, and the same global batch
-    gets the same noise on any number of ranks."""
+    gets the same noise on any number of ranks. Under context parallelism rank and world_size are the data-parallel
+    ones, so the ranks of a group draw the same sigma, noise, conditioning frames and caption dropout."""
     first = step * batch_size * world_size
     return [torch.Generator(device).manual_seed(seed * 1_000_003 + first + rank + k * world_size)
             for k in range(batch_size)]
@@ -220,6 +222,19 @@ def init_distributed():
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def context_parallel_group(rank, world_size):
+    """Ranks [g*cp, (g+1)*cp) form context-parallel group g (neighbours: one node's GPUs) and share its samples, so
+    the data-parallel rank is rank // cp of world_size // cp. FSDP still shards over all ranks. Returns this rank's
+    group (None when cp = 1); every rank must create every group."""
+    cp = context_parallel_size
+    if cp < 1 or world_size % cp:
+        raise SystemExit(f"context_parallel_size={cp} must divide the number of processes ({world_size})")
+    if cp == 1:
+        return None
+    groups = [dist.new_group(list(range(g * cp, (g + 1) * cp))) for g in range(world_size // cp)]
+    return groups[rank // cp]
 
 
 def file_fingerprint(path):
@@ -301,7 +316,7 @@ def seed_worker(worker_id):
     """Each loader worker draws its own clip windows (VideoDataset keeps a numpy generator)."""
     info = torch.utils.data.get_worker_info()
     if hasattr(info.dataset, "rng"):
-        info.dataset.rng = np.random.default_rng([seed, dist.get_rank(), worker_id])
+        info.dataset.rng = np.random.default_rng([seed, dist.get_rank() // context_parallel_size, worker_id])
 
 
 class OnlineEncoder:
@@ -428,16 +443,19 @@ def load_validation(device):
 
 def validate(validation, model, ema, step, run_dir, rank, world_size, device):
     """Every rank samples ceil(n / world) clips with the EMA weights (FSDP needs the same forwards on all ranks;
-    a rank past the end of the list samples a spare copy and writes nothing)."""
+    a rank past the end of the list samples a spare copy and writes nothing). Under context parallelism the ranks
+    of a group sample each clip together and the group's first rank writes it."""
     import sample
 
     embeddings, vae = validation
-    per_rank = -(-len(val_prompts) // world_size)
+    group, n_groups = rank // context_parallel_size, world_size // context_parallel_size
+    writes = rank % context_parallel_size == 0
+    per_rank = -(-len(val_prompts) // n_groups)
     swap_ema(model, ema)
     try:
         for k in range(per_rank):
-            i = rank + k * world_size
-            path = run_dir / "validation" / f"iter_{step:09d}_{i:02d}.mp4" if i < len(val_prompts) else None
+            i = group + k * n_groups
+            path = run_dir / "validation" / f"iter_{step:09d}_{i:02d}.mp4" if i < len(val_prompts) and writes else None
             sample.generate_to_file(
                 model, path, vae, embeddings[val_prompts[i % len(val_prompts)]],
                 embeddings.get(sample.DEFAULT_NEGATIVE_PROMPT), num_frames=val_num_frames, resolution=video_size,
@@ -474,6 +492,8 @@ def main(argv):
         return
     config = load_config(argv)
     rank, world_size, device = init_distributed()
+    cp_group = context_parallel_group(rank, world_size)
+    dp_rank, dp_size = rank // context_parallel_size, world_size // context_parallel_size
     run_dir = Path(out_dir) / name
     if base_checkpoint and not Path(base_checkpoint).is_file():
         raise SystemExit(f"base_checkpoint {base_checkpoint} does not exist")
@@ -487,7 +507,9 @@ def main(argv):
         (run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
 
     validation = load_validation(device)
-    model = shard_model(build_model(device))
+    model = build_model(device)
+    model.enable_context_parallel(cp_group)  # each rank's loss counts once: FSDP's mean over all ranks stays right
+    model = shard_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
@@ -506,7 +528,7 @@ def main(argv):
         if rank == 0:
             print(f"resumed from {resume_from} at iteration {step}")
 
-    data = build_data(rank, world_size, device, start_position=step * batch_size * world_size)
+    data = build_data(dp_rank, dp_size, device, start_position=step * batch_size * dp_size)
     run = None
     if wandb and rank == 0:
         import wandb as wandb_lib
@@ -523,7 +545,7 @@ def main(argv):
     while step < max_iter:
         latents, text_emb = next(data)
         per_sample, n_cond = flow_matching_loss(model, latents, text_emb,
-                                                sample_generators(step, rank, world_size, device))
+                                                sample_generators(step, dp_rank, dp_size, device))
         loss = per_sample.mean()
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip, foreach=True)
@@ -554,7 +576,7 @@ def main(argv):
             log = {"loss": sum(sums) / sum(counts)}
             log.update({f"loss/{mode_names[n]}": s / c for n, (s, c) in enumerate(zip(sums, counts)) if c})
             log.update(lr=scheduler.get_last_lr()[0], grad_norm=grad_norm.item(), sec_per_iter=elapsed / window_steps,
-                       samples_per_sec=sum(counts) / elapsed)
+                       samples_per_sec=sum(counts) / context_parallel_size / elapsed)  # each group counted cp times
             if device.type == "cuda":
                 log["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             if run is not None:
