@@ -9,7 +9,8 @@
 Several processes (torchrun) share each video by context parallelism (its latent frames split over them, the
 attention heads split inside self-attention: model.py, DiT.enable_context_parallel), or each take whole samples:
 `--context_parallel_size` sets how many share a video; by default one process per sample when the samples divide
-evenly over the processes, else all processes on every video. Either way a seed gives the same video.
+evenly over the processes, else all processes on every video. `--cfg_parallel` also splits guidance: the
+conditional and the unconditional pass run on the two halves of each group. Either way a seed gives the same video.
 
 What happens, in the reference's way (spec/vae_text_encoder_inference.md §3):
 1. the prompts and the negative prompt go through the text encoder, which is then freed;
@@ -162,7 +163,7 @@ SAMPLERS = {"unipc": unipc_sample, "euler": euler_sample}
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def make_velocity_fn(net, noise, cond_latent, num_cond_frames, text_emb, neg_text_emb, guidance):
+def make_velocity_fn(net, noise, cond_latent, num_cond_frames, text_emb, neg_text_emb, guidance, cfg_group=None):
     """velocity_fn(x_t, sigma) for the samplers, the reference's Video2World denoiser (frame replacement).
 
     net(x, sigma, crossattn_emb, condition_mask) is the DiT. noise [B,16,T,H,W] is the initial noise x_T;
@@ -171,7 +172,9 @@ def make_velocity_fn(net, noise, cond_latent, num_cond_frames, text_emb, neg_tex
     by noise - cond_latent, the velocity of the straight line from x_T to the clean latent, so the sampler carries
     them along that line. Guidance: v = v_cond + g (v_cond - v_uncond) (the reference's form: g = 7 weighs the
     conditional branch by 8), the unconditional branch using the negative prompt and the same conditioning frames,
-    both in one batched forward; g = 0 runs the conditional pass alone.
+    both in one batched forward; g = 0 runs the conditional pass alone. With `cfg_group`, a process group of two
+    (guidance parallelism), its first process runs the conditional pass, the second the unconditional one, and
+    they swap their velocities.
     """
     B, _, T, H, W = noise.shape
     is_cond = (torch.arange(T, device=noise.device) < num_cond_frames).view(1, 1, T, 1, 1)  # [1,1,T,1,1]
@@ -179,12 +182,21 @@ def make_velocity_fn(net, noise, cond_latent, num_cond_frames, text_emb, neg_tex
     cond_velocity = noise - cond_latent
     n_pass = 1 if guidance == 0 else 2
     crossattn_emb = text_emb if n_pass == 1 else torch.cat([text_emb, neg_text_emb])  # [n_pass*B,L,D]
-    mask_in = cond_mask.repeat(n_pass, 1, 1, 1, 1)
+    n_local = n_pass  # passes this process runs
+    if cfg_group is not None:
+        if n_pass == 1:
+            raise ValueError("guidance parallelism needs guidance > 0: with g = 0 there is no second pass to share")
+        crossattn_emb, n_local = crossattn_emb.chunk(2)[dist.get_rank(cfg_group)], 1  # [B,L,D]
+    mask_in = cond_mask.repeat(n_local, 1, 1, 1, 1)
 
     def velocity_fn(x_t, sigma):
-        x_in = torch.where(is_cond, cond_latent, x_t).repeat(n_pass, 1, 1, 1, 1)  # [n_pass*B,16,T,H,W]
-        sigma_in = torch.full((n_pass * B,), sigma, dtype=torch.float32, device=x_t.device)
+        x_in = torch.where(is_cond, cond_latent, x_t).repeat(n_local, 1, 1, 1, 1)  # [n_local*B,16,T,H,W]
+        sigma_in = torch.full((n_local * B,), sigma, dtype=torch.float32, device=x_t.device)
         v = net(x_in, sigma_in, crossattn_emb, condition_mask=mask_in).float()
+        if cfg_group is not None:  # swap velocities: both processes get [v_cond; v_uncond]
+            both = [torch.empty_like(v), torch.empty_like(v)]
+            dist.all_gather(both, v.contiguous(), group=cfg_group)
+            v = torch.cat(both)  # [2B,16,T,H,W]
         if n_pass == 2:
             v_cond, v_uncond = v.chunk(2)
             v = v_cond + guidance * (v_cond - v_uncond)
@@ -517,9 +529,10 @@ def dtype_for(device):
 
 @torch.no_grad()
 def generate(net, vae, sample, condition_frames, text_emb, neg_text_emb, device, steps=35, shift=5.0,
-             sampler="unipc", progress=False):
+             sampler="unipc", progress=False, cfg_group=None):
     """One sample -> (video uint8 [T,H,W,3], latents [1,16,t,h,w] fp32). condition_frames: uint8 [k,H,W,3]
-    from read_condition_frames (None for Text2World); text_emb, neg_text_emb: [1,L,D] (neg None when g = 0)."""
+    from read_condition_frames (None for Text2World); text_emb, neg_text_emb: [1,L,D] (neg None when g = 0);
+    cfg_group: the guidance pair of make_velocity_fn (None: both passes here)."""
     from prep_data import frames_to_tensor
 
     H, W = sample.resolution
@@ -532,7 +545,8 @@ def generate(net, vae, sample, condition_frames, text_emb, neg_text_emb, device,
         video = frames_to_tensor(torch.from_numpy(condition_frames).to(device), dtype_for(device))  # [3,k,H,W]
         cond_latent[:, :, :n] = vae.encode(video[None]).float()
     velocity_fn = make_velocity_fn(net, noise, cond_latent, n, text_emb.to(device),
-                                   None if neg_text_emb is None else neg_text_emb.to(device), sample.guidance)
+                                   None if neg_text_emb is None else neg_text_emb.to(device), sample.guidance,
+                                   cfg_group)
     sigmas, net_sigmas = flow_schedule(steps, shift)
     latents = SAMPLERS[sampler](velocity_fn, noise, sigmas, net_sigmas, progress=progress)
     video = vae.decode(latents)[0].float()  # [3,T,H,W], about [-1,1]; one latent frame (4 pixel frames) at a time
@@ -606,6 +620,10 @@ def build_parser():
     how.add_argument("--context_parallel_size", type=int,
                      help="processes sharing each video (must divide the process count, the DiT's heads and the "
                           "latent frames); default: 1 when the samples divide evenly over the processes, else all")
+    how.add_argument("--cfg_parallel", action="store_true",
+                     help="guidance parallelism: the conditional and the unconditional pass on the two halves of "
+                          "each group of --context_parallel_size processes (default then: 2 when the samples divide "
+                          "evenly over the pairs of processes, else all)")
     return p
 
 
@@ -615,11 +633,16 @@ def default_context_parallel_size(num_samples, world):
     return 1 if num_samples % world == 0 else world
 
 
-def check_context_parallel(cp, world, num_heads, samples):
-    """Context parallelism splits the processes into groups, the heads and every sample's latent frames over a
-    group: all three must divide. Checked before any heavy work."""
+def check_context_parallel(cp, cfg_parallel, world, num_heads, samples):
+    """Context parallelism splits the processes into groups, the heads and every sample's latent frames over the
+    processes of one forward pass (a group, or half of it with guidance parallelism): all must divide. Checked
+    before any heavy work."""
     if cp < 1 or world % cp:
         raise ValueError(f"--context_parallel_size {cp} must divide the number of processes ({world})")
+    if cfg_parallel and (cp % 2 or not all(s.guidance for s in samples)):
+        raise ValueError(f"--cfg_parallel runs the conditional and the unconditional pass on the two halves of each "
+                         f"group of {cp} process(es): it needs an even --context_parallel_size and guidance > 0")
+    cp = cp // 2 if cfg_parallel else cp  # processes sharing one forward pass
     if num_heads % cp:
         raise ValueError(f"context parallelism over {cp} processes splits the DiT's {num_heads} attention heads "
                          f"evenly: choose a --context_parallel_size that divides {num_heads} (1: a sample per process)")
@@ -631,15 +654,27 @@ def check_context_parallel(cp, world, num_heads, samples):
                              f"with (1 + k) a multiple of {cp}, or another --context_parallel_size")
 
 
-def context_parallel_group(cp, rank, world, device):
-    """None for cp = 1 (no process group at all). Otherwise the process group is started (NCCL on the GPU, gloo on
-    the CPU) and the neighbouring processes [g*cp, (g+1)*cp) form group g; returns this process's group."""
+def context_parallel_groups(cp, cfg_parallel, rank, world, device):
+    """(the DiT's context-parallel group, the guidance pair) of this process, None where unused; for cp = 1 no
+    process group is started at all (NCCL on the GPU, gloo on the CPU). Processes [g*cp, (g+1)*cp) share the videos
+    of group g. With cfg_parallel the first half of a group runs the conditional pass and the second half the
+    unconditional one, each half splitting the video, and process i of one half swaps velocities with process i
+    of the other."""
     if cp == 1:
-        return None
+        return None, None
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             device_id=device if device.type == "cuda" else None)
-    groups = [dist.new_group(list(range(g * cp, (g + 1) * cp))) for g in range(world // cp)]  # all make all
-    return groups[rank // cp]
+    n = cp // 2 if cfg_parallel else cp  # processes sharing one forward pass
+    dit_group = cfg_group = None
+    for start in range(0, world, n):  # every process creates every group, in the same order
+        group = dist.new_group(list(range(start, start + n))) if n > 1 else None
+        dit_group = group if start <= rank < start + n else dit_group
+    if cfg_parallel:
+        for start in range(0, world, cp):
+            for i in range(n):
+                group = dist.new_group([start + i, start + n + i])
+                cfg_group = group if rank in (start + i, start + n + i) else cfg_group
+    return dit_group, cfg_group
 
 
 def samples_from_args(args):
@@ -706,8 +741,9 @@ def main(argv=None):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     net = load_dit(args.ckpt, loras, args.config)
     check_text_width(net, args.text_encoder, args.prompt_embeds)
-    cp = args.context_parallel_size or default_context_parallel_size(len(samples), world)
-    check_context_parallel(cp, world, net.cfg.num_heads, samples)
+    pair = 2 if args.cfg_parallel else 1  # processes per sample at least
+    cp = args.context_parallel_size or pair * default_context_parallel_size(len(samples), max(world // pair, 1))
+    check_context_parallel(cp, args.cfg_parallel, world, net.cfg.num_heads, samples)
     mine = samples[rank // cp::world // cp]  # group g (processes g*cp ... g*cp + cp-1): samples g, g + world/cp, ...
     mine_names = {s.name for s in mine}
     frames = {}
@@ -723,15 +759,15 @@ def main(argv=None):
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    group = context_parallel_group(cp, rank, world, device)
+    dit_group, cfg_group = context_parallel_groups(cp, args.cfg_parallel, rank, world, device)
     if not mine:  # more processes than samples: nothing to do here
-        if group is not None:
+        if dist.is_initialized():
             dist.destroy_process_group()
         return
     # the text encoder runs first and is freed; then the DiT's weights go to the device, then the VAE
     embeddings = text_embeddings(mine, args.text_encoder, args.prompt_embeds, device)
     net = dit_to_device(net, device, args.merge)
-    net.enable_context_parallel(group)  # every process of the group runs the same sampler; the DiT splits the work
+    net.enable_context_parallel(dit_group)  # the processes of a group run the same sampler; the DiT splits the work
     vae = load_vae(args.vae, device)
 
     from prep_data import write_video
@@ -739,7 +775,7 @@ def main(argv=None):
     for s in mine:
         neg = embeddings[s.negative_prompt] if s.guidance else None
         video, latents = generate(net, vae, s, frames.get(s.name), embeddings[s.prompt], neg, device, args.steps,
-                                  args.shift, args.sampler, progress=rank == 0)
+                                  args.shift, args.sampler, progress=rank == 0, cfg_group=cfg_group)
         if rank % cp:  # the group's first process writes
             continue
         path = paths[s.name]
@@ -750,7 +786,7 @@ def main(argv=None):
             save_file({"latents": latents.contiguous()}, path.with_suffix(".safetensors"))
         print(f"[rank {rank}] {s.name}: {MODE_NAMES[s.num_cond_frames]}, {len(video)} frames "
               f"{s.resolution[0]}x{s.resolution[1]}, seed {s.seed} -> {path}")
-    if group is not None:
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
