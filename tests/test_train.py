@@ -308,3 +308,23 @@ def test_validation_videos_on_every_rank(cache, tmp_path, validation_models, npr
     assert [v.name for v in videos] == [f"iter_000000002_{i:02d}.mp4" for i in range(3)]
     frames, info = read_video(videos[0])
     assert frames.shape == (5, 32, 32, 3)
+
+
+def test_nemo_lora_config_is_the_reference_recipe():
+    saved = {k: getattr(train, k) for k in train.CONFIG_KEYS}
+    try:
+        c = train.load_config([str(REPO / "configs" / "nemo_lora.py")])
+    finally:
+        for k, v in saved.items():
+            setattr(train, k, v)
+    assert (c["dit_preset"], c["num_frames"], c["video_size"], c["batch_size"], c["num_workers"]) == (
+        "cosmos_2b", 93, (704, 1280), 1, 4)
+    assert (c["use_lora"], c["lora_rank"], c["lora_alpha"]) == (True, 32, 32)
+    assert c["lora_target_modules"] == "q_proj,k_proj,v_proj,output_proj,mlp.layer1,mlp.layer2"
+    assert c["conditional_frames_probs"] == {0: 0.333, 1: 0.333, 2: 0.334}
+    assert (c["lr"], c["weight_decay"], c["betas"], c["eps"], c["grad_clip"]) == (2 ** -14.5, 1e-3, (0.9, 0.999),
+                                                                                 1e-8, 0.1)
+    assert (c["warmup_steps"], c["f_max"], c["f_min"], c["cycle_length"]) == (2000, 0.5, 0.2, 100_000)
+    assert (c["max_iter"], c["save_iter"], c["ema_rate"], c["caption_dropout"], c["shift"]) == (1000, 200, 0.1, 0.2,
+                                                                                                5.0)
+    assert c["base_checkpoint"].endswith("d20b7120-df3e-4911-919d-db6e08bad31c_ema_bf16.pt")
