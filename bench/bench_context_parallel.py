@@ -6,6 +6,7 @@
 """
 
 import argparse
+import dataclasses
 import statistics
 import sys
 from pathlib import Path
@@ -40,15 +41,16 @@ def main():
     args = parser.parse_args()
     rank, world, device = train.init_distributed()
     preset, shape = ("tiny", (4, 4, 4)) if args.smoke else ("cosmos_2b", (24, 88, 160))
+    cfg = dataclasses.replace(DIT_PRESETS[preset], num_heads=4) if args.smoke else DIT_PRESETS[preset]
     dtype = torch.float32 if args.smoke else torch.bfloat16
     torch.manual_seed(0)  # the same random weights on every rank
     with torch.device(device):
-        net = DiT(DIT_PRESETS[preset]).to(dtype).eval()
+        net = DiT(cfg).to(dtype).eval()
     T, H, W = shape
     g = torch.Generator().manual_seed(1)
     noise = torch.randn(1, 16, T, H, W, generator=g).to(device)
     cond = torch.randn(1, 16, T, H, W, generator=g).to(device)
-    text = torch.randn(1, 512, DIT_PRESETS[preset].crossattn_proj_in_channels, generator=g).to(device, dtype)
+    text = torch.randn(1, 512, cfg.crossattn_proj_in_channels, generator=g).to(device, dtype)
     neg = torch.randn(text.shape, generator=g).to(device, dtype)
 
     def guided_step(cfg_group=None):
@@ -63,10 +65,15 @@ def main():
     seconds, out = timed(guided_step, device)
     rows.append((f"context parallel over {world}", world, seconds, ((out - reference).norm() / reference.norm()).item()))
     net.enable_context_parallel(None)
-    if world == 2:
-        seconds, out = timed(lambda: guided_step(dist.group.WORLD), device)
-        rows.append(("guidance parallel (cond | uncond)", 2, seconds,
-                     ((out - reference).norm() / reference.norm()).item()))
+    if world % 2 == 0:  # guidance parallel: the first half runs the conditional pass, the second the unconditional
+        n = world // 2  # each half splits the video over its n GPUs
+        halves = [dist.new_group(list(range(start, start + n))) for start in (0, n)] if n > 1 else [None, None]
+        pairs = [dist.new_group([i, n + i]) for i in range(n)]
+        net.enable_context_parallel(halves[rank // n])
+        seconds, out = timed(lambda: guided_step(pairs[rank % n]), device)
+        net.enable_context_parallel(None)
+        name = "guidance parallel (cond | uncond)" + (f" x context parallel {n}" if n > 1 else "")
+        rows.append((name, world, seconds, ((out - reference).norm() / reference.norm()).item()))
     if rank == 0:
         card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
         print(f"\nguided step (g=7, image2world), {preset}, latent {T}x{H}x{W}, {card} x {world}, "
