@@ -32,13 +32,7 @@ CPU = torch.device("cpu")
 H, W, NUM_FRAMES, STEPS = 32, 48, 9, 8  # 3 latent frames of 4x6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and on a busy 2-core machine two threads wait on each other (40x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def rel_err(a, b):

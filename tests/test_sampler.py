@@ -15,13 +15,7 @@ REFERENCE_TIMESTEPS_35 = [999, 993, 987, 981, 974, 967, 960, 952, 943, 935, 925,
                           824, 807, 789, 768, 746, 722, 695, 666, 633, 596, 555, 508, 454, 391, 318, 232, 128]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and on a busy 2-core machine two threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def rel_err(a, b):
