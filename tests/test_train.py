@@ -328,3 +328,13 @@ def test_nemo_lora_config_is_the_reference_recipe():
     assert (c["max_iter"], c["save_iter"], c["ema_rate"], c["caption_dropout"], c["shift"]) == (1000, 200, 0.1, 0.2,
                                                                                                 5.0)
     assert c["base_checkpoint"].endswith("d20b7120-df3e-4911-919d-db6e08bad31c_ema_bf16.pt")
+
+
+def test_online_encoding_of_raw_videos(cache, tmp_path, validation_models):
+    """Without a cache, clips are decoded and VAE-encoded every step and captions encoded once, like the reference."""
+    dataset = cache.parents[1]  # <dataset>/cache/<tag> -> <dataset>
+    result = run_train(tmp_path, "", "max_iter=2", "save_iter=2", f"dataset_dir='{dataset}'", "num_frames=17",
+                       "video_size=(32, 32)", f"vae_checkpoint='{validation_models / 'tokenizer.pth'}'",
+                       f"text_encoder='{validation_models / 'text_encoder'}'")
+    assert "iter 2: loss" in result.stdout
+    assert set(read_dcp(ckpt(tmp_path, 2), "model")) == set(read_dcp(ckpt(tmp_path, 2), "ema"))
