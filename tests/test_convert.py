@@ -18,22 +18,13 @@ from convert import (DIT_OFFICIAL_ONLY, convert_checkpoint, dit_key_to_diffusers
                      import_diffusers, merge, read_adapter, read_dcp)
 from lora import inject_lora, load_lora_state_dict, set_adapter_scale
 from model import DIT_PRESETS, DiT, load_checkpoint_file
-from prep_data import build_cache, write_synthetic_dataset
 from tests.test_dit import randomize, rel_err, small_config, torchvision_shim
-from tests.test_train import HashTextEncoder, PoolVAE, ckpt, run_train
+from tests.test_train import cache, ckpt, run_train  # noqa: F401 (cache is a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = DIT_PRESETS["tiny"]
 TARGETS = "q_proj,k_proj,v_proj,output_proj,mlp.layer1,mlp.layer2"
 RANK, ALPHA = 8, 16  # alpha != rank, so a lost alpha shows
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_synthetic_dataset(root / "robot", num_videos=2, num_frames=17, size=(32, 32))
-    return build_cache(root / "robot", PoolVAE(), HashTextEncoder(), "pool", "hash", num_frames=17,
-                       video_size=(32, 32)).parent
 
 
 def save_base(path, seed, cfg=TINY):
