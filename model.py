@@ -690,11 +690,18 @@ class CausalConv3d(nn.Conv3d):
         self.causal_pad = 2 * pt
 
     def forward(self, x_B_C_T_H_W, cache: VAEFeatureCache | None = None, norm=None):
-        """conv(x), or conv(SiLU(norm(x))) when `norm` is given. The (normalised) frames are written once, straight
-        into the time-padded buffer: no separate normalised tensor and no concatenation copy."""
-        p = self.causal_pad
-        if p == 0:
+        """conv(x), or conv(SiLU(norm(x))) when `norm` is given."""
+        if self.causal_pad == 0:
             return super().forward(x_B_C_T_H_W if norm is None else norm(x_B_C_T_H_W, silu=True))
+        return self.conv(self.pad(x_B_C_T_H_W, cache, norm))
+
+    def conv(self, x_pad_B_C_pT_H_W):
+        return super().forward(x_pad_B_C_pT_H_W)
+
+    def pad(self, x_B_C_T_H_W, cache: VAEFeatureCache | None = None, norm=None):
+        """[B,C,T,H,W] -> [B,C,p+T,H,W]: the causal context, then x (or SiLU(norm(x))). The frames are written once,
+        straight into the padded buffer: no separate normalised tensor and no concatenation copy."""
+        p = self.causal_pad
         B, C, T, H, W = x_B_C_T_H_W.shape
         x_pad_B_C_pT_H_W = x_B_C_T_H_W.new_empty(B, C, p + T, H, W)
         prev_B_C_p_H_W = cache.get(self) if cache is not None else None
@@ -708,7 +715,7 @@ class CausalConv3d(nn.Conv3d):
             norm(x_B_C_T_H_W, silu=True, out=x_pad_B_C_pT_H_W[:, :, p:])
         if cache is not None:
             cache[self] = x_pad_B_C_pT_H_W[:, :, -p:].clone()  # a copy, so the buffer can be freed
-        return super().forward(x_pad_B_C_pT_H_W)
+        return x_pad_B_C_pT_H_W
 
 
 class VAERMSNorm(nn.Module):
@@ -721,8 +728,13 @@ class VAERMSNorm(nn.Module):
         self.scale = dim ** 0.5
 
     def forward(self, x_B_C_T_H_W, silu=False, out=None):
+        gain_C_1_1_1 = self.gamma.view(-1, 1, 1, 1) * self.scale
+        if torch.is_grad_enabled():  # training (assets/demo/pretrain_vae.py): no in-place writes for autograd
+            y = F.normalize(x_B_C_T_H_W, dim=1) * gain_C_1_1_1
+            y = F.silu(y) if silu else y
+            return y if out is None else out.copy_(y)
         norm_B_1_T_H_W = torch.linalg.vector_norm(x_B_C_T_H_W, dim=1, keepdim=True).clamp_min_(1e-12)
-        y = torch.div(x_B_C_T_H_W, norm_B_1_T_H_W, out=out).mul_(self.gamma.view(-1, 1, 1, 1) * self.scale)
+        y = torch.div(x_B_C_T_H_W, norm_B_1_T_H_W, out=out).mul_(gain_C_1_1_1)
         return F.silu(y, inplace=True) if silu else y
 
 
@@ -742,7 +754,8 @@ class VAEResidualBlock(nn.Module):
     def forward(self, x_B_C_T_H_W, cache: VAEFeatureCache):
         r = self.residual
         h = r["2"](x_B_C_T_H_W, cache, norm=r["0"])  # [B,out,T,H,W]
-        h = r["6"](h, cache, norm=r["3"])
+        h = r["6"].pad(h, cache, norm=r["3"])  # [B,out,2+T,H,W]; rebinding h frees [B,out,T,H,W] before the conv
+        h = r["6"].conv(h)  # [B,out,T,H,W]
         return h.add_(x_B_C_T_H_W if self.shortcut is None else self.shortcut(x_B_C_T_H_W))
 
 
@@ -916,10 +929,12 @@ class WanVAE(nn.Module):
         return mean, inv_std
 
     @torch.no_grad()
-    def encode(self, video_B_3_T_H_W, temporal_window=16):
+    def encode(self, video_B_3_T_H_W, temporal_window=4):
         """video [B,3,T,H,W] in [-1,1], T = 1 + 4k -> normalised latents [B,16,1+k,H/8,W/8] in the weights' dtype.
-        Frame 0 is encoded alone, then windows of `temporal_window` frames (a multiple of 4; Cosmos uses 16) and a
-        shorter last window; memory depends on the window, not on T."""
+        Frame 0 is encoded alone, then windows of `temporal_window` frames (a multiple of 4) and a shorter last
+        window; memory depends on the window, not on T. The causal cache makes every window give the same latents as
+        one pass over all frames (tests/test_vae.py), so the window only trades memory for speed: Cosmos's configs
+        set 16, which at 93x704x1280 needs 2.4x the memory of Wan's 4 for 6% less time (BENCHMARKS.md)."""
         cfg, (B, C, T, H, W) = self.cfg, video_B_3_T_H_W.shape
         tf, sf = cfg.temporal_factor, cfg.spatial_factor
         if C != 3 or (T - 1) % tf or H % sf or W % sf:

@@ -35,23 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).absolute().parents[2]))  # the repository root, for model.py and friends
-from model import WAN_LATENT_MEAN, WAN_LATENT_STD, VAERMSNorm, WanVAE, WanVAEConfig  # noqa: E402
+from model import WAN_LATENT_MEAN, WAN_LATENT_STD, WanVAE, WanVAEConfig  # noqa: E402
 from prep_data import frames_to_tensor, list_videos, read_video  # noqa: E402
-
-CONFIG = WanVAEConfig(dim=8, dim_mult=(1, 2, 4, 4), num_res_blocks=1, temperal_downsample=(False, True, True))
-
-
-class TrainableRMSNorm(VAERMSNorm):
-    """model.py's VAE norm writes in place (`out=`) to save inference memory, which autograd cannot follow; for
-    training, the same computation without in-place writes. Same parameters, so the keys do not change."""
-
-    def forward(self, x, silu=False, out=None):
-        y = F.normalize(x, dim=1) * (self.gamma.view(-1, 1, 1, 1) * self.scale)
-        y = F.silu(y) if silu else y
-        return y if out is None else out.copy_(y)
 
 
 def encode_train(vae, video_B_3_T_H_W):
@@ -121,6 +109,9 @@ def main():
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--kl", type=float, default=1e-3, help="weight of the KL term")
     p.add_argument("--held_out", type=int, default=16, help="clips kept out of training, for the final PSNR")
+    p.add_argument("--dim", type=int, default=8, help="width of the first stage (the released VAE: 96)")
+    p.add_argument("--save_every", type=int, default=0, help="also write <out>_step<N>.safetensors every N steps")
+    p.add_argument("--init", help="start from these weights (a --save_every file) instead of He init")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     out = Path(args.out)
@@ -135,15 +126,16 @@ def main():
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    vae = WanVAE(CONFIG)
+    config = WanVAEConfig(dim=args.dim, dim_mult=(1, 2, 4, 4), num_res_blocks=1, temperal_downsample=(False, True, True))
+    vae = WanVAE(config)
     for m in vae.modules():
-        if isinstance(m, VAERMSNorm):
-            m.__class__ = TrainableRMSNorm
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):  # He init: see the module docstring
             torch.nn.init.normal_(m.weight, std=math.sqrt(2 / m.weight[0].numel()))
             torch.nn.init.zeros_(m.bias)
+    if args.init:
+        vae.load_state_dict(load_file(args.init), strict=True)
     vae.to(device)
-    print(f"WanVAE {CONFIG}: {sum(p.numel() for p in vae.parameters()):,} parameters, on {device}")
+    print(f"WanVAE {config}: {sum(p.numel() for p in vae.parameters()):,} parameters, on {device}")
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
     steps = args.image_steps + args.clip_steps
     schedule = torch.optim.lr_scheduler.LambdaLR(  # 100-step warm-up, then cosine to 10% over both stages
@@ -167,15 +159,21 @@ def main():
         if step % 100 == 0 or step == steps:
             print(f"step {step} ({frames} frame{'s' if frames > 1 else ''}): reconstruction {rec.item():.4f}, "
                   f"kl {kl.item():.3f}, latent std {mu.std().item():.2f}, {time.time() - t0:.0f} s", flush=True)
+        if args.save_every and step % args.save_every == 0 and step < steps:
+            save(vae, out.with_name(f"{out.stem}_step{step}{out.suffix}"), {"args": json.dumps(vars(args))})
 
     psnr, z_mean, z_std, z_std_per_channel = evaluate(vae, held_out)
     print(f"held-out clips through WanVAE.encode/decode: PSNR {psnr:.1f} dB; normalised latents mean {z_mean:.2f}, "
           f"std {z_std:.2f} (per channel {', '.join(f'{s:.2f}' for s in z_std_per_channel)})")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"config": json.dumps(CONFIG.__dict__), "args": json.dumps(vars(args)),
-            "held_out_psnr_db": f"{psnr:.2f}", "latent_mean": f"{z_mean:.3f}", "latent_std": f"{z_std:.3f}"}
-    save_file({k: v.cpu().contiguous() for k, v in vae.state_dict().items()}, out, metadata=meta)
+    save(vae, out, {"args": json.dumps(vars(args)), "held_out_psnr_db": f"{psnr:.2f}",
+                    "latent_mean": f"{z_mean:.3f}", "latent_std": f"{z_std:.3f}"})
     print(f"wrote {out} ({time.time() - t0:.0f} s)")
+
+
+def save(vae, path, metadata):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"config": json.dumps(vae.cfg.__dict__), **metadata}
+    save_file({k: v.cpu().contiguous() for k, v in vae.state_dict().items()}, path, metadata=metadata)
 
 
 if __name__ == "__main__":
