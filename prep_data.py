@@ -427,6 +427,20 @@ def clip_starts(total, num_frames, clips_per_video=None, stride=None):
     return list(range(0, last + 1, stride or num_frames))
 
 
+def weights_id(path):
+    """What the cache records as the model an entry was made with: the resolved path, and the total size and latest
+    modification time of the file or the folder's files. Weights replaced at the same path then no longer match
+    the cache's entries (an error for latents, new files for captions) instead of being silently reused."""
+    path = Path(path).resolve()
+    if not path.exists():
+        raise DataError(f"{path}: no such model file or folder")
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"{path}: no model weights there")
+    stats = [f.stat() for f in files]
+    return f"{path} ({sum(s.st_size for s in stats)} bytes, modified {max(s.st_mtime_ns for s in stats)} ns)"
+
+
 def plan_cache(dataset_path, vae_id, text_encoder_id, num_frames=93, video_size=(704, 1280), resize="stretch",
                clips_per_video=None, stride=None):
     """List every clip and unique caption to cache; fails on short videos and missing captions, naming them."""
@@ -838,7 +852,7 @@ def cmd_cache(args):
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)  # or every rank would also open a context on GPU 0
-    vae_id, text_encoder_id = str(Path(args.vae).resolve()), str(Path(args.text_encoder).resolve())
+    vae_id, text_encoder_id = weights_id(args.vae), weights_id(args.text_encoder)
     plan = plan_cache(args.dataset_path, vae_id, text_encoder_id, args.num_frames, args.video_size, args.resize,
                       args.clips_per_video, args.stride)
     captions, clips, stopped = take(args.max_items, *plan.todo(rank, world_size))

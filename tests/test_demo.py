@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from convert import convert_checkpoint
 from model import DIT_PRESETS, DiT, TextEncoder, WanVAE
 from prep_data import (TEAL, CachedDataset, build_cache, frames_to_tensor, read_video, shapes_clip,
-                       tensor_to_frames, write_synthetic_dataset)
+                       tensor_to_frames, weights_id, write_synthetic_dataset)
 from sample import DEFAULT_NEGATIVE_PROMPT, Sample, generate, load_dit
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -112,7 +112,7 @@ def robot_data(tmp_path_factory, shipped):
     root = tmp_path_factory.mktemp("demo")
     write_synthetic_dataset(root / "robot", kind="robot", num_videos=16, seed=0)
     write_synthetic_dataset(root / "held_out", kind="robot", num_videos=4, seed=1)
-    ids = (str(ASSETS / "vae.safetensors"), str(ASSETS / "text_encoder"))
+    ids = (weights_id(ASSETS / "vae.safetensors"), weights_id(ASSETS / "text_encoder"))
     caches = {name: build_cache(root / name, vae, text_encoder, *ids, num_frames=17, video_size=(64, 64)).parent
               for name in ("robot", "held_out")}
     return root, caches

@@ -302,8 +302,9 @@ def test_cache_command_frees_the_text_encoder_before_building_the_vae(tmp_path, 
 
     monkeypatch.setitem(sys.modules, "model", types.SimpleNamespace(TextEncoder=FakeTextEncoder, WanVAE=FakeVAE))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    args = ["cache", "--dataset_path", str(data), "--vae", "tok.pth", "--text_encoder", "reason1", "--num_frames",
-            "9", "--video_size", "16,24", "--clips_per_video", "2"]
+    vae_file, text_encoder_dir = fake_weights(tmp_path)
+    args = ["cache", "--dataset_path", str(data), "--vae", str(vae_file), "--text_encoder", str(text_encoder_dir),
+            "--num_frames", "9", "--video_size", "16,24", "--clips_per_video", "2"]
     assert main(args + ["--max_items", "3"]) == 0
     assert "stopped after --max_items 3" in capsys.readouterr().out
     assert events == [("te", "reason1"), ("vae", "tok.pth", True)]
@@ -313,6 +314,20 @@ def test_cache_command_frees_the_text_encoder_before_building_the_vae(tmp_path, 
     ds = CachedDataset(data / "cache" / "9f_16x24_stretch")
     assert [(c["source"], c["start_frame"]) for c in ds.clips] == [(f"videos/robot_00{i}.mp4", s) for i in range(3)
                                                                    for s in (0, 8)]
+    vae_file.write_bytes(b"retrained weights at the same path")  # the cache must not pass for this VAE's
+    assert main(args) == 2
+    assert "was made with other settings (vae: " in capsys.readouterr().err
+    assert main([*args[:4], str(tmp_path / "missing.pth"), *args[5:]]) == 2
+    assert "missing.pth: no such model file or folder" in capsys.readouterr().err
+
+
+def fake_weights(root):
+    """Stand-ins for a VAE file and a text-encoder folder: the cache command stamps entries with their size and
+    modification time."""
+    (root / "reason1").mkdir()
+    (root / "reason1" / "model.safetensors").write_bytes(b"weights")
+    (root / "tok.pth").write_bytes(b"weights")
+    return root / "tok.pth", root / "reason1"
 
 
 FAKE_MODEL = """
@@ -350,10 +365,12 @@ def test_cache_command_under_torchrun_shards_the_work(tmp_path, demo_dir):
     (tmp_path / "model.py").write_text(FAKE_MODEL.format(tests=str(ROOT / "tests"), logs=str(tmp_path / "logs")))
     (tmp_path / "launch.py").write_text(f"import sys\nsys.path.append({str(ROOT)!r})\nimport prep_data\n"
                                         f"sys.exit(prep_data.main())\n")
+    vae_file, text_encoder_dir = fake_weights(tmp_path)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(tmp_path / "launch.py"), "cache", "--dataset_path", str(data), "--vae", "tok.pth",
-                        "--text_encoder", "te", "--num_frames", "9", "--video_size", "16,24", "--stride", "4"],
+                        str(tmp_path / "launch.py"), "cache", "--dataset_path", str(data), "--vae", str(vae_file),
+                        "--text_encoder", str(text_encoder_dir), "--num_frames", "9", "--video_size", "16,24",
+                        "--stride", "4"],
                        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     logs = {p.name: len(p.read_text()) for p in (tmp_path / "logs").iterdir()}
