@@ -38,9 +38,9 @@ warmup_steps = 100
 f_start = 0.01
 f_max = 1.0
 f_min = 0.1
-cycle_length = 2500
+cycle_length = 4000
 grad_clip = 1.0
-max_iter = 2500
+max_iter = 4000
 ema_rate = 0.1  # the released weights are the power-EMA weights
 
 logging_iter = 50

@@ -1,15 +1,16 @@
-"""Pretrain the demo's tiny Wan-architecture VAE on shapes-world clips, on a CPU (18 minutes on our busy 2 cores).
+"""Pretrain the demo's tiny Wan-architecture VAE on shapes-world clips (assets/demo/README.md has the commands we ran
+and their timings: about 9 minutes on an H100, then 20 on a 2-core CPU).
 
     python prep_data.py demo --kind shapes --out datasets/shapes --num_videos 512
     python assets/demo/pretrain_vae.py --dataset datasets/shapes --out assets/demo/vae.safetensors
 
-The network is model.py's `WanVAE` with narrow stages (WanVAEConfig below): the same layers, the same 4x8x8
-compression to 16 latent channels and the same keys as the released `tokenizer.pth`, ~0.7 M parameters instead
-of 127 M. It is trained as a VAE on random 32x32 crops (it is fully convolutional, so it then encodes whole
-64x64 frames) in two stages: first on single frames (the frame-0 path, where the spatial compression is learnt at a
-seventeenth of the cost per sample), then on whole 17-frame clips, where the temporal compression is learnt. Whole
-clips, because the causal convolutions see the entire past: a VAE trained on shorter windows degrades on the later
-frames of longer clips.
+The network is model.py's `WanVAE` with narrow stages (`--dim 16` instead of the released 96): the same layers, the
+same 4x8x8 compression to 16 latent channels and the same keys as the released `tokenizer.pth`, 2.6 M parameters
+instead of 127 M. It is trained as a VAE in two stages: first on single frames (the frame-0 path, where the spatial
+compression is learnt at a seventeenth of the cost per sample), then on whole 17-frame clips, where the temporal
+compression is learnt. Whole clips, because the causal convolutions see the entire past: a VAE trained on shorter
+windows degrades on the later frames of longer clips. `--crop` below 64 trains on random crops instead of whole
+frames (it is fully convolutional), which is cheaper on a CPU.
 
 Half of the crops get their hues rotated by a random angle (around the gray axis of RGB space), so the VAE learns
 to reproduce colours the shapes world never draws, such as the robot's teal: the VAE stands in for a general
@@ -100,16 +101,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True, help="a shapes-world dataset (prep_data.py demo --kind shapes)")
     p.add_argument("--out", required=True, help="output .safetensors (must not exist)")
-    p.add_argument("--image_steps", type=int, default=2400, help="stage 1: steps on single frames")
-    p.add_argument("--clip_steps", type=int, default=1600, help="stage 2: steps on windows of --frames frames")
+    p.add_argument("--image_steps", type=int, default=3000, help="stage 1: steps on single frames")
+    p.add_argument("--clip_steps", type=int, default=3000, help="stage 2: steps on windows of --frames frames")
     p.add_argument("--frames", type=int, default=17, help="frames per stage-2 window, 1 + 4k")
-    p.add_argument("--batch", type=int, default=8, help="crops per stage-1 step")
-    p.add_argument("--clip_batch", type=int, default=4, help="crops per stage-2 step")
-    p.add_argument("--crop", type=int, default=32, help="square crop size, a multiple of 8")
+    p.add_argument("--batch", type=int, default=64, help="crops per stage-1 step")
+    p.add_argument("--clip_batch", type=int, default=16, help="crops per stage-2 step")
+    p.add_argument("--crop", type=int, default=64, help="square crop size, a multiple of 8")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--kl", type=float, default=1e-3, help="weight of the KL term")
     p.add_argument("--held_out", type=int, default=16, help="clips kept out of training, for the final PSNR")
-    p.add_argument("--dim", type=int, default=8, help="width of the first stage (the released VAE: 96)")
+    p.add_argument("--dim", type=int, default=16, help="width of the first stage (the released VAE: 96)")
     p.add_argument("--save_every", type=int, default=0, help="also write <out>_step<N>.safetensors every N steps")
     p.add_argument("--init", help="start from these weights (a --save_every file) instead of He init")
     p.add_argument("--seed", type=int, default=0)
