@@ -99,6 +99,38 @@ def test_shipped_weights_are_refused_when_altered(tmp_path, damage):
             load(tmp_path / name)
 
 
+def test_vae_pretraining_script_saves_resumes_and_keeps_files(tmp_path):
+    """assets/demo/pretrain_vae.py at toy size: --save_every files load strictly, --init starts from one exactly
+    (with lr 0 the weights come out unchanged), and earlier runs' files are never written over."""
+    write_synthetic_dataset(tmp_path / "shapes", kind="shapes", num_videos=4, num_frames=17, size=(64, 64))
+
+    def pretrain(out, *args):
+        return subprocess.run([sys.executable, str(ASSETS / "pretrain_vae.py"), "--dataset", str(tmp_path / "shapes"),
+                               "--out", str(tmp_path / out), "--dim", "4", "--held_out", "2", "--batch", "2",
+                               "--clip_batch", "1", "--crop", "32", "--image_steps", "1", *args],
+                              capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+    run = pretrain("vae.safetensors", "--clip_steps", "1", "--save_every", "1")
+    assert run.returncode == 0, run.stderr[-3000:]
+    step1 = WanVAE.from_pretrained(tmp_path / "vae_step1.safetensors", dtype=torch.float32)
+    final = WanVAE.from_pretrained(tmp_path / "vae.safetensors", dtype=torch.float32)
+    assert step1.cfg.dim == final.cfg.dim == 4
+    assert any(not torch.equal(a, b) for a, b in zip(step1.state_dict().values(), final.state_dict().values()))
+
+    resumed = pretrain("resumed.safetensors", "--image_steps", "0", "--clip_steps", "1", "--lr", "0",
+                       "--init", str(tmp_path / "vae_step1.safetensors"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed_weights = load_file(tmp_path / "resumed.safetensors")
+    assert resumed_weights.keys() == step1.state_dict().keys()
+    for name, weight in step1.state_dict().items():
+        assert torch.equal(resumed_weights[name], weight), name
+
+    assert "vae.safetensors exists" in pretrain("vae.safetensors", "--clip_steps", "1").stderr
+    (tmp_path / "vae.safetensors").unlink()
+    refused = pretrain("vae.safetensors", "--clip_steps", "1", "--save_every", "1")
+    assert refused.returncode != 0 and "vae_step1.safetensors exists" in refused.stderr
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Learning: a shortened configs/demo.py run on the shipped base
 # ------------------------------------------------------------------------------------------------------------

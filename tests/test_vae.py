@@ -101,6 +101,25 @@ def test_chunked_encode_equals_one_shot():
         model.encode(video, temporal_window=6)
 
 
+def test_encoder_trains_under_autograd():
+    """The encoder's in-place inference path (norms written straight into the conv's padded buffer) switches to
+    out-of-place ops when autograd records: same numbers, and every parameter gets a gradient."""
+    model = random_vae(SMALL)
+    torch.manual_seed(3)
+    video = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    chunks = [video[:, :, :1], video[:, :, 1:]]
+    with torch.no_grad():
+        cache = {}
+        expected = torch.cat([model.encoder(c, cache) for c in chunks], dim=2)
+    cache = {}
+    h = torch.cat([model.encoder(c, cache) for c in chunks], dim=2)
+    torch.testing.assert_close(h, expected, rtol=1e-5, atol=1e-6)
+    h.square().mean().backward()
+    grads = {n: p.grad for n, p in model.encoder.named_parameters()}
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values()), [n for n, g in grads.items()
+                                                                            if g is None or not g.abs().sum()]
+
+
 def test_tiled_decode():
     model = random_vae(SMALL)
     torch.manual_seed(3)

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).absolute().parents[2]))  # the repository root, for model.py and friends
@@ -118,6 +117,10 @@ def main():
     out = Path(args.out)
     if out.exists():
         raise SystemExit(f"{out} exists; remove it or choose another --out")
+    earlier = sorted(out.parent.glob(f"{out.stem}_step*{out.suffix}")) if args.save_every else []
+    if earlier:
+        raise SystemExit(f"{earlier[0]} exists (an earlier run's --save_every file); move it away or choose "
+                         f"another --out")
 
     videos = list_videos(args.dataset)
     clips = np.stack([read_video(v)[0] for v in videos])  # [N,T,H,W,3] uint8, a few MB
@@ -127,7 +130,8 @@ def main():
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = WanVAEConfig(dim=args.dim, dim_mult=(1, 2, 4, 4), num_res_blocks=1, temperal_downsample=(False, True, True))
+    config = WanVAEConfig(dim=args.dim, dim_mult=(1, 2, 4, 4), num_res_blocks=1,
+                          temperal_downsample=(False, True, True))
     vae = WanVAE(config)
     for m in vae.modules():
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):  # He init: see the module docstring
