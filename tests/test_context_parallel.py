@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 import sample
 from lora import inject_lora
 from model import DIT_PRESETS, DiT, WanVAE, WanVAEConfig
-from prep_data import build_cache, read_video, write_synthetic_dataset
-from test_train import HashTextEncoder, PoolVAE, logged_losses, run_train, validation_models  # noqa: F401
+from prep_data import read_video
+from test_train import logged_losses, run_train, stand_in_cache, validation_models  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 # 4 heads so that 2 and 4 ranks both split them; 4 latent frames of 4x6 latents = 4 frames of 2x3 tokens
@@ -243,10 +243,7 @@ def test_sample_cli_rejects_splits_that_do_not_divide(files, tmp_path, monkeypat
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     """Clips of 13 frames: 4 latent frames, which split over 2 ranks."""
-    root = tmp_path_factory.mktemp("cp_data")
-    write_synthetic_dataset(root / "robot", num_videos=2, num_frames=13, size=(32, 32))
-    return build_cache(root / "robot", PoolVAE(), HashTextEncoder(), "pool", "hash", num_frames=13,
-                       video_size=(32, 32)).parent
+    return stand_in_cache(tmp_path_factory.mktemp("cp_data"), num_frames=13)
 
 
 def logged_grad_norms(stdout):

@@ -40,12 +40,16 @@ class HashTextEncoder:
         return torch.randn(1, 8, 256, generator=g)
 
 
+def stand_in_cache(root, num_frames):
+    """Two synthetic 32x32 robot clips cached with the stand-in encoders; returns the cache folder."""
+    write_synthetic_dataset(root / "robot", num_videos=2, num_frames=num_frames, size=(32, 32))
+    return build_cache(root / "robot", PoolVAE(), HashTextEncoder(), "pool", "hash", num_frames=num_frames,
+                       video_size=(32, 32)).parent
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_synthetic_dataset(root / "robot", num_videos=2, num_frames=17, size=(32, 32))
-    return build_cache(root / "robot", PoolVAE(), HashTextEncoder(), "pool", "hash", num_frames=17,
-                       video_size=(32, 32)).parent
+    return stand_in_cache(tmp_path_factory.mktemp("data"), num_frames=17)
 
 
 def run_train(out, cache_dir, *overrides, nproc=1, check=True):
