@@ -319,6 +319,9 @@ def test_cache_command_frees_the_text_encoder_before_building_the_vae(tmp_path, 
     assert "was made with other settings (vae: " in capsys.readouterr().err
     assert main([*args[:4], str(tmp_path / "missing.pth"), *args[5:]]) == 2
     assert "missing.pth: no such model file or folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main([*args[:6], str(tmp_path / "empty"), *args[7:]]) == 2
+    assert "empty: no model weights there" in capsys.readouterr().err
 
 
 def fake_weights(root):
