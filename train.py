@@ -42,6 +42,7 @@ base_checkpoint = ""  # official *_ema_bf16.pt (or model.pt); "" = random init (
 dtype = "bfloat16"  # compute dtype of the frozen base; LoRA master weights and optimizer state stay fp32
 attention_backend = "sdpa"  # "sdpa" (cuDNN first: fastest on the H100 today) or "triton" (kernels/attention.py)
 activation_checkpointing = "selective"  # "none" | "full" | "selective" (keeps attention outputs)
+offload_block_inputs = False  # checkpointed block inputs in pinned CPU memory (the 14B at 93x704x1280 on one GPU)
 # data
 dataset_dir = "datasets/cosmos_nemo_assets"
 cache_dir = ""  # a `prep_data.py cache` folder; "" = decode and encode videos online
@@ -260,7 +261,12 @@ def build_model(device):
         torch.manual_seed(seed)
         with torch.device(device):
             model = DiT(cfg)
+    if offload_block_inputs and (activation_checkpointing == "none" or device.type != "cuda"):
+        raise SystemExit(f"offload_block_inputs=True moves what activation checkpointing keeps to pinned host memory: "
+                         f"it needs activation_checkpointing 'full' or 'selective' (got {activation_checkpointing!r}) "
+                         f"and a CUDA device (got {device})")
     model.activation_checkpointing = activation_checkpointing
+    model.offload_block_inputs = offload_block_inputs
     compute_dtype = getattr(torch, dtype)
     if use_lora:
         model.to(compute_dtype)

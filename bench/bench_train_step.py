@@ -1,24 +1,28 @@
 """One LoRA training step of the 2B (and 14B) DiT at real video shapes: ours vs diffusers + PEFT, same run.
 
-    python bench/bench_train_step.py                 # on one H100: 2B at 93x704x1280 and 93x432x768, 14B fit check
-    python bench/bench_train_step.py --smoke         # tiny shapes on the CPU: checks the script runs
+    python bench/bench_train_step.py                  # one H100: the default rows below, peers at the 2B shapes
+    python bench/bench_train_step.py --rows 14b:24x88x160:full:sdpa:offload --skip_peer
+    torchrun --nproc_per_node=2 bench/bench_train_step.py --rows 14b:24x88x160:full:sdpa:offload
+    torchrun --nproc_per_node=2 bench/bench_train_step.py --context_parallel 2 --rows 2b:24x88x160:selective:sdpa
+    python bench/bench_train_step.py --smoke          # tiny shapes on the CPU: checks the script runs
 
-Ours is train.py's step (cached latents and text embeddings in, AdamW + EMA out): FSDP2 on one rank, bf16 base,
-fp32 LoRA, selective activation checkpointing, our Triton attention and fused LoRA. The peer is diffusers'
-CosmosTransformer3DModel with the Cosmos-2.5 config, PEFT LoRA r32 on the same 280 linears (fp32 adapters),
-gradient checkpointing, torch AdamW. Random weights: speed does not depend on them.
+Ours is train.py's step (cached latents and text embeddings in, AdamW + EMA out): FSDP2 (over every rank), bf16
+base, fp32 LoRA, activation checkpointing ("selective" keeps the attention outputs), optionally the block inputs in
+pinned host memory ("offload"). A row is preset:TxHxW:checkpointing:attention[:offload] with a latent shape.
+Under torchrun every rank takes a batch of 1 (data parallel), or `--context_parallel` ranks share one. The peer is
+diffusers' CosmosTransformer3DModel with the Cosmos-2.5 config, PEFT LoRA r32 on the same 280 linears (fp32
+adapters), gradient checkpointing, torch AdamW (one process only). Random weights: speed does not depend on them.
 """
 
 import argparse
 import gc
-import math
-import os
 import statistics
 import sys
 import types
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -72,20 +76,23 @@ def peak_gib(device):
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
 
-def ours(preset, shape, device, warmup, repeat, checkpointing, backend):
+def ours(preset, shape, device, warmup, repeat, checkpointing, backend, offload=False, cp_group=None):
     """train.py's model and step."""
     train.dit_preset, train.dtype, train.attention_backend = preset, "bfloat16", backend
-    train.activation_checkpointing = checkpointing
+    train.activation_checkpointing, train.offload_block_inputs = checkpointing, offload
     train.base_checkpoint, train.use_lora, train.seed = "", True, 0
     reset_memory(device)
-    model = train.shard_model(train.build_model(device))
+    model = train.build_model(device)
+    model.enable_context_parallel(cp_group)
+    model = train.shard_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type == "cuda")
     ema = [p.detach().clone().float() for p in trainable]
     cfg = DIT_PRESETS[preset]
     T, H, W = shape
-    latents = torch.randn(1, 16, T, H, W, device=device, dtype=torch.bfloat16)
-    text = torch.randn(1, 512, cfg.crossattn_proj_in_channels, device=device, dtype=torch.bfloat16)
+    g = torch.Generator(device).manual_seed(1)  # the same video on every rank of a context-parallel group
+    latents = torch.randn(1, 16, T, H, W, device=device, dtype=torch.bfloat16, generator=g)
+    text = torch.randn(1, 512, cfg.crossattn_proj_in_channels, device=device, dtype=torch.bfloat16, generator=g)
     generators = [torch.Generator(device).manual_seed(0)]
     reset_memory(device)  # the fp32 random init is not part of a step
 
@@ -102,6 +109,33 @@ def ours(preset, shape, device, warmup, repeat, checkpointing, backend):
     memory = peak_gib(device)
     del model, optimizer, ema, trainable
     return seconds, memory
+
+
+def check_offload(device, shape=(8, 32, 64)):
+    """The step with the block inputs in host memory computes what it computes without: loss and every LoRA
+    gradient, against the difference between two runs without offload (the GPU backward is not bit-reproducible)."""
+    train.dit_preset, train.dtype, train.attention_backend = "cosmos_2b", "bfloat16", "sdpa"
+    train.activation_checkpointing, train.offload_block_inputs = "selective", False
+    train.base_checkpoint, train.use_lora, train.seed = "", True, 0
+    model = train.build_model(device)
+    g = torch.Generator(device).manual_seed(1)
+    latents = torch.randn(1, 16, *shape, device=device, dtype=torch.bfloat16, generator=g)
+    text = torch.randn(1, 512, 100352, device=device, dtype=torch.bfloat16, generator=g)
+    results = []
+    for offload in (False, False, True):
+        model.offload_block_inputs = offload
+        per_sample, _ = train.flow_matching_loss(model, latents, text, [torch.Generator(device).manual_seed(0)])
+        per_sample.mean().backward()
+        results.append((per_sample.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+        model.zero_grad(set_to_none=True)
+    del model
+
+    def difference(a, b):
+        loss = (a[0] - b[0]).abs().max().item()
+        grads = max(((x - y).norm() / y.norm().clamp_min(1e-30)).item() for x, y in zip(a[1], b[1]))
+        return loss, grads
+
+    return difference(results[0], results[1]), difference(results[2], results[0])
 
 
 def torchvision_shim():
@@ -185,57 +219,78 @@ def check_attention_backends(device, shape):
     return err
 
 
+def parse_row(text):
+    """preset:TxHxW:checkpointing:attention[:offload] -> (preset, (T, H, W), checkpointing, attention, offload)."""
+    parts = text.split(":")
+    presets = {"2b": "cosmos_2b", "14b": "cosmos_14b", "tiny": "tiny"}
+    if len(parts) not in (4, 5) or parts[0] not in presets or (len(parts) == 5 and parts[4] != "offload"):
+        raise SystemExit(f"row {text!r} is not preset:TxHxW:checkpointing:attention[:offload] with preset in "
+                         f"{sorted(presets)}")
+    shape = tuple(int(n) for n in parts[1].split("x"))
+    return presets[parts[0]], shape, parts[2], parts[3], len(parts) == 5
+
+
+DEFAULT_ROWS = ",".join([
+    "2b:24x88x160:selective:sdpa", "2b:24x88x160:selective:triton", "2b:24x88x160:selective:sdpa:offload",
+    "2b:24x54x96:selective:sdpa", "2b:24x54x96:selective:triton",
+    "14b:24x88x160:full:sdpa:offload", "14b:24x88x160:selective:sdpa:offload"])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (checks the script runs)")
-    parser.add_argument("--skip_14b", action="store_true")
-    parser.add_argument("--backends", default="sdpa,triton", help="attention backends of our 2B rows")
+    parser.add_argument("--rows", default=DEFAULT_ROWS, help="our rows, comma-separated (see above)")
     parser.add_argument("--skip_peer", action="store_true", help="re-runs on a machine where the peer was just timed")
+    parser.add_argument("--skip_checks", action="store_true", help="skip the attention and offload checks")
+    parser.add_argument("--context_parallel", type=int, default=1, help="ranks sharing one video (under torchrun)")
     args = parser.parse_args()
     rank, world, device = train.init_distributed()
+    train.context_parallel_size = args.context_parallel
+    cp_group = train.context_parallel_group(rank, world)
     torch.backends.cuda.matmul.allow_tf32 = True
-    if args.smoke:
-        cases = [("tiny", (3, 4, 4), "selective", "sdpa")]
-        peer_cases = [("tiny", (3, 4, 4))]
-        warmup, repeat = 1, 2
-    else:
-        cases = [("cosmos_2b", shape, "selective", backend) for shape in ((24, 88, 160), (24, 54, 96))
-                 for backend in args.backends.split(",")]
-        peer_cases = [("cosmos_2b", (24, 88, 160)), ("cosmos_2b", (24, 54, 96))]
-        warmup, repeat = 1, 3
-        if not args.skip_14b:
-            cases.append(("cosmos_14b", (24, 88, 160), "full", "triton"))
+    say = print if rank == 0 else (lambda *a, **k: None)
+    rows = [parse_row(r) for r in ("tiny:3x4x4:selective:sdpa" if args.smoke else args.rows).split(",")]
+    warmup, repeat = (1, 2) if args.smoke else (1, 3)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    if not args.smoke:
-        err = check_attention_backends(device, (24, 54, 96))
-        print(f"2B forward at 24x54x96, relative error vs fp32: triton {err['triton']:.2e}, sdpa {err['sdpa']:.2e}",
-              flush=True)
-    rows = []
     peer = {}
-    for preset, shape in [] if args.skip_peer else peer_cases:
+    peer_shapes = [] if args.skip_peer or world > 1 else sorted({(p, s) for p, s, *_ in rows if p != "cosmos_14b"})
+    for preset, shape in peer_shapes:
         peer[(preset, shape)] = diffusers_peft(preset, shape, device, warmup, repeat)
-        print(f"diffusers+PEFT {preset} {shape}: {peer[(preset, shape)][0]:.3f} s, {peer[(preset, shape)][1]:.1f} GiB",
-              flush=True)
-    for preset, shape, ckpt, backend in cases:
+        say(f"diffusers+PEFT {preset} {shape}: {peer[(preset, shape)][0]:.3f} s, {peer[(preset, shape)][1]:.1f} GiB",
+            flush=True)
+    if not (args.smoke or args.skip_checks or world > 1):
+        err = check_attention_backends(device, (24, 54, 96))
+        say(f"2B forward at 24x54x96, relative error vs fp32: triton {err['triton']:.2e}, sdpa {err['sdpa']:.2e}",
+            flush=True)
+        (rerun_loss, rerun_grad), (offload_loss, offload_grad) = check_offload(device)
+        say(f"offload check (2B, 8x32x64): loss difference {offload_loss:.1e}, largest relative LoRA gradient "
+            f"difference {offload_grad:.1e}; two runs without offload: {rerun_loss:.1e}, {rerun_grad:.1e}", flush=True)
+    results = []
+    for preset, shape, ckpt, backend, offload in rows:
         try:
             seconds, memory = ours(preset, shape, device, warmup, 1 if preset == "cosmos_14b" else repeat, ckpt,
-                                   backend)
+                                   backend, offload, cp_group)
         except torch.OutOfMemoryError:
             seconds, memory = float("nan"), peak_gib(device)
-        print(f"ours {preset} {shape} {ckpt} {backend}: {seconds:.3f} s, {memory:.1f} GiB", flush=True)
-        rows.append((preset, shape, ckpt, backend, seconds, memory))
+        say(f"ours {preset} {shape} {ckpt} {backend}{' offload' if offload else ''}: {seconds:.3f} s, "
+            f"{memory:.1f} GiB", flush=True)
+        results.append((preset, shape, ckpt, backend, offload, seconds, memory))
 
-    print(f"\nLoRA r32 training step, batch 1, {card}, torch {torch.__version__}")
-    print(f"| model | latent TxHxW | tokens | ours (ckpt, attention) | ours s | ours GiB | MFU | diffusers+PEFT s | "
-          f"GiB | speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for preset, shape, ckpt, backend, seconds, memory in rows:
+    layout = f"{world} rank(s), context parallel {args.context_parallel}, batch 1 per group"
+    say(f"\nLoRA r32 training step, {layout}, {card}, torch {torch.__version__}")
+    say("| model | latent TxHxW | tokens | ours (checkpointing, attention) | ours s | ours GiB | MFU | "
+        "diffusers+PEFT s | GiB | speed-up |")
+    say("|---|---|---|---|---|---|---|---|---|---|")
+    for preset, shape, ckpt, backend, offload, seconds, memory in results:
         T, H, W = shape
         cfg = DIT_PRESETS[preset]
-        mfu = step_flops(cfg, T, H, W) / seconds / 1e12 / PEAK_TFLOPS if seconds == seconds else float("nan")
+        # MFU per GPU: a context-parallel group shares one step's FLOPs
+        flops = step_flops(cfg, T, H, W) / args.context_parallel
+        mfu = flops / seconds / 1e12 / PEAK_TFLOPS if seconds == seconds else float("nan")
         p_s, p_mem = peer.get((preset, shape), (float("nan"), float("nan")))
-        print(f"| {preset} | {T}x{H}x{W} | {T * H * W // 4:,} | {ckpt}, {backend} | {seconds:.2f} | {memory:.1f} | "
-              f"{mfu:.0%} | {p_s:.2f} | {p_mem:.1f} | {p_s / seconds:.2f}x |")
+        say(f"| {preset} | {T}x{H}x{W} | {T * H * W // 4:,} | {ckpt}{' + offload' if offload else ''}, {backend} | "
+            f"{seconds:.2f} | {memory:.1f} | {mfu:.0%} | {p_s:.2f} | {p_mem:.1f} | {p_s / seconds:.2f}x |")
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

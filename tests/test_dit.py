@@ -334,3 +334,12 @@ def test_latent_not_divisible_by_patch():
     model = tiny_model()
     with pytest.raises(ValueError, match="divisible by the patch size"):
         model(torch.randn(1, 16, 2, 5, 4), torch.rand(1), torch.randn(1, 5, 72))
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "selective"])
+def test_offload_block_inputs_needs_checkpointing_and_cuda(checkpointing):
+    model = tiny_model()
+    model.activation_checkpointing, model.offload_block_inputs = checkpointing, True
+    with pytest.raises(ValueError, match=f"activation_checkpointing 'full' or 'selective' \\(got '{checkpointing}'\\) "
+                                         "and CUDA tensors \\(got cpu\\)"):
+        model(torch.randn(1, 16, 2, 4, 4), torch.rand(1), torch.randn(1, 5, 72))
