@@ -1,7 +1,9 @@
-"""One guided sampling step of the 2B DiT at 93x704x1280 on 1 GPU and spread over all GPUs of the machine
-(context parallel, and guidance parallel on 2), in one run; the outputs are compared with the 1-GPU step.
+"""One guided sampling step (or, with --video, a whole 35-step video) of the 2B DiT at 93x704x1280 on 1 GPU and
+spread over all GPUs of the machine (context parallel, and guidance parallel), in one run; the outputs are compared
+with the 1-GPU result.
 
     torchrun --nproc_per_node=2 bench/bench_context_parallel.py          # on nvidia-h100-x2 (or 4 on -x4)
+    torchrun --nproc_per_node=2 bench/bench_context_parallel.py --video --layouts guidance
     torchrun --nproc_per_node=2 bench/bench_context_parallel.py --smoke  # tiny shapes on CPUs (gloo)
 """
 
@@ -20,8 +22,8 @@ import train  # noqa: E402
 from model import DIT_PRESETS, DiT  # noqa: E402
 
 
-def timed(fn, device, repeat=2):
-    fn()  # warm-up
+def timed(fn, device, repeat=2, warmup=None):
+    (warmup or fn)()  # cuDNN and NCCL set up; a whole video is warmed up by one step
     times = []
     for _ in range(repeat):
         dist.barrier()
@@ -38,7 +40,12 @@ def timed(fn, device, repeat=2):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--video", action="store_true", help="time whole videos (UniPC, 35 steps, no VAE decode)")
+    parser.add_argument("--layouts", default="context,guidance", help="the multi-GPU layouts to time")
     args = parser.parse_args()
+    layouts = args.layouts.split(",")
+    if not set(layouts) <= {"context", "guidance"}:
+        raise SystemExit(f"--layouts {args.layouts}: expected a comma-separated subset of context,guidance")
     rank, world, device = train.init_distributed()
     preset, shape = ("tiny", (4, 4, 4)) if args.smoke else ("cosmos_2b", (24, 88, 160))
     cfg = dataclasses.replace(DIT_PRESETS[preset], num_heads=4) if args.smoke else DIT_PRESETS[preset]
@@ -58,27 +65,42 @@ def main():
         with torch.no_grad():
             return velocity(noise, 0.9)
 
+    sigmas, net_sigmas = sample.flow_schedule(35, 5.0)
+
+    def video(cfg_group=None):
+        velocity = sample.make_velocity_fn(net, noise, cond, 1, text, neg, 7.0, cfg_group=cfg_group)
+        with torch.no_grad():
+            return sample.unipc_sample(velocity, noise, sigmas, net_sigmas)
+
+    run, repeat = (video, 1) if args.video else (guided_step, 2)
+
     rows = []
-    seconds, reference = timed(guided_step, device)  # every rank alone (rank 0's figure is the 1-GPU row)
+    # every rank alone (rank 0's is the 1-GPU row)
+    seconds, reference = timed(run, device, repeat, guided_step)
     rows.append(("1 GPU, cond+uncond batched", 1, seconds, 0.0))
-    net.enable_context_parallel(dist.group.WORLD)
-    seconds, out = timed(guided_step, device)
-    rows.append((f"context parallel over {world}", world, seconds, ((out - reference).norm() / reference.norm()).item()))
-    net.enable_context_parallel(None)
-    if world % 2 == 0:  # guidance parallel: the first half runs the conditional pass, the second the unconditional
+    if rank == 0:
+        print(f"1 GPU: {seconds:.3f} s", flush=True)
+    if "context" in layouts:
+        net.enable_context_parallel(dist.group.WORLD)
+        seconds, out = timed(run, device, repeat, guided_step)
+        rows.append((f"context parallel over {world}", world, seconds,
+                     ((out - reference).norm() / reference.norm()).item()))
+        net.enable_context_parallel(None)
+    if "guidance" in layouts and world % 2 == 0:  # the first half runs the conditional pass, the second the other
         n = world // 2  # each half splits the video over its n GPUs
         halves = [dist.new_group(list(range(start, start + n))) for start in (0, n)] if n > 1 else [None, None]
         pairs = [dist.new_group([i, n + i]) for i in range(n)]
         net.enable_context_parallel(halves[rank // n])
-        seconds, out = timed(lambda: guided_step(pairs[rank % n]), device)
+        seconds, out = timed(lambda: run(pairs[rank % n]), device, repeat, lambda: guided_step(pairs[rank % n]))
         net.enable_context_parallel(None)
         name = "guidance parallel (cond | uncond)" + (f" x context parallel {n}" if n > 1 else "")
         rows.append((name, world, seconds, ((out - reference).norm() / reference.norm()).item()))
     if rank == 0:
         card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-        print(f"\nguided step (g=7, image2world), {preset}, latent {T}x{H}x{W}, {card} x {world}, "
+        what = "whole video (35 UniPC steps, no VAE decode)" if args.video else "guided step"
+        print(f"\n{what}, g=7, image2world, {preset}, latent {T}x{H}x{W}, {card} x {world}, "
               f"torch {torch.__version__}")
-        print("| layout | GPUs | s/step | speed-up | rel. L2 vs 1 GPU |")
+        print(f"| layout | GPUs | s/{'video' if args.video else 'step'} | speed-up | rel. L2 vs 1 GPU |")
         print("|---|---|---|---|---|")
         for name, gpus, s, err in rows:
             print(f"| {name} | {gpus} | {s:.3f} | {rows[0][2] / s:.2f}x | {err:.1e} |")
