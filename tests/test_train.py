@@ -250,6 +250,17 @@ def test_missing_base_checkpoint_fails_before_work(cache, tmp_path):
     assert result.returncode != 0 and "/nonexistent/base.pt" in result.stderr
 
 
+def test_offload_without_checkpointing_or_cuda_fails_before_work(cache, tmp_path):
+    for checkpointing in ("none", "selective"):
+        result = run_train(tmp_path, cache, "offload_block_inputs=True", f"activation_checkpointing='{checkpointing}'",
+                           "max_iter=1", check=False)
+        assert result.returncode != 0, result.stdout
+        assert (f"offload_block_inputs=True moves what activation checkpointing keeps to pinned host memory: it needs "
+                f"activation_checkpointing 'full' or 'selective' (got '{checkpointing}') and a CUDA device (got cpu)"
+                in result.stderr), result.stderr
+        assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 NAN_AT_THIRD_STEP = """
 import sys
 import train
