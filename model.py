@@ -226,8 +226,8 @@ class BlockInputOffload:
             self.host, self.index = host, index
             self.device = None  # the copy back, while it is prefetched
 
-    def __init__(self):
-        self.stream = torch.cuda.Stream()
+    def __init__(self, stream):
+        self.stream = stream  # the side stream of the copies
         self.block_input = None  # set before each checkpointed block
         self.saved = []  # in forward order
 
@@ -237,29 +237,40 @@ class BlockInputOffload:
     def pack(self, t):
         if t is not self.block_input:
             return t
-        self.stream.wait_stream(torch.cuda.current_stream())  # t is complete before it is copied
-        with torch.cuda.stream(self.stream):
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            host.copy_(t, non_blocking=True)
-        t.record_stream(self.stream)  # its memory is not reused before the copy is done
-        self.saved.append(self.Saved(host, len(self.saved)))
+        self.saved.append(self.Saved(self.to_host(t), len(self.saved)))
         return self.saved[-1]
-
-    def prefetch(self, saved):
-        if saved.device is None:
-            with torch.cuda.stream(self.stream):  # queued after the copy to the host, on the same stream
-                saved.device = saved.host.to("cuda", non_blocking=True)
 
     def unpack(self, saved):
         if not isinstance(saved, self.Saved):
             return saved
         self.prefetch(saved)
-        torch.cuda.current_stream().wait_stream(self.stream)
         t, saved.device = saved.device, None
-        t.record_stream(torch.cuda.current_stream())
+        self.wait_for_copy(t)
         if saved.index > 0:
             self.prefetch(self.saved[saved.index - 1])
         return t
+
+    def prefetch(self, saved):
+        if saved.device is None:
+            saved.device = self.to_device(saved.host)
+
+    # the CUDA side: copies on the side stream, ordered against the compute stream
+
+    def to_host(self, t):
+        self.stream.wait_stream(torch.cuda.current_stream())  # t is complete before it is copied
+        with torch.cuda.stream(self.stream):
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+        t.record_stream(self.stream)  # its memory is not reused before the copy is done
+        return host
+
+    def to_device(self, host):
+        with torch.cuda.stream(self.stream):  # queued after the copy to the host, on the same stream
+            return host.to("cuda", non_blocking=True)
+
+    def wait_for_copy(self, t):
+        torch.cuda.current_stream().wait_stream(self.stream)
+        t.record_stream(torch.cuda.current_stream())  # allocated on the side stream, used on this one
 
 
 # Context parallelism (Ulysses): the ranks of a group each hold a contiguous share of a video's latent frames.
@@ -566,7 +577,7 @@ class DiT(nn.Module):
             raise ValueError(f"offload_block_inputs moves the block inputs that activation checkpointing keeps to "
                              f"pinned host memory: it needs activation_checkpointing 'full' or 'selective' (got "
                              f"{self.activation_checkpointing!r}) and CUDA tensors (got {x.device})")
-        offload = BlockInputOffload() if checkpointing and self.offload_block_inputs else None
+        offload = BlockInputOffload(torch.cuda.Stream()) if checkpointing and self.offload_block_inputs else None
         with offload.hooks() if offload else contextlib.nullcontext():
             for block in self.blocks:
                 args = (x_B_T_HW_D, t_emb_B_T_D, adaln_lora_B_T_3D, crossattn_emb, rope_cos_sin)

@@ -1,7 +1,10 @@
 """The DiT against the official key layout and against diffusers' CosmosTransformer3DModel (the test oracle)."""
 
+import contextlib
+import gc
 import math
 import re
+import weakref
 import sys
 import types
 from dataclasses import replace
@@ -13,7 +16,7 @@ import torch.nn.functional as F
 
 from convert import dit_key_to_diffusers, dit_to_diffusers
 from lora import inject_lora, lora_state_dict, mark_only_lora_trainable
-from model import DIT_PRESETS, DiT, DiTConfig
+from model import DIT_PRESETS, BlockInputOffload, DiT, DiTConfig
 
 SPEC_KEYS = Path(__file__).resolve().parents[2] / "shared" / "spec" / "dit_2b_state_dict_keys.txt"
 
@@ -343,3 +346,65 @@ def test_offload_block_inputs_needs_checkpointing_and_cuda(checkpointing):
     with pytest.raises(ValueError, match=f"activation_checkpointing 'full' or 'selective' \\(got '{checkpointing}'\\) "
                                          "and CUDA tensors \\(got cpu\\)"):
         model(torch.randn(1, 16, 2, 4, 4), torch.rand(1), torch.randn(1, 5, 72))
+
+
+class CopyOffload(BlockInputOffload):
+    """BlockInputOffload's bookkeeping, with plain CPU copies in place of the CUDA side-stream copies."""
+
+    def __init__(self):
+        super().__init__(stream=None)
+        self.log = []
+
+    def to_host(self, t):
+        self.log.append(("to_host", len(self.saved)))
+        return t.detach().clone()
+
+    def to_device(self, host):
+        self.log.append(("to_device", next(s.index for s in self.saved if s.host is host)))
+        return host.clone()
+
+    def wait_for_copy(self, t):
+        pass
+
+
+def test_block_input_offload_moves_each_input_once_prefetches_backwards_and_frees_with_the_graph():
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(4))
+    shared = torch.randn(16)  # like the RoPE table: saved by every block, never moved
+
+    def run(offload):
+        x0 = torch.randn(3, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        x, inputs = x0 * 1.0, []
+        with offload.hooks() if offload else contextlib.nullcontext():
+            for block in blocks:
+                inputs.append(x.detach().clone())
+                if offload:
+                    offload.block_input = x
+                x = torch.utils.checkpoint.checkpoint(lambda h, s, b=block: torch.tanh(b(h)) * s, x, shared,
+                                                      use_reentrant=False)
+            if offload:
+                offload.block_input = None
+        return x0, x, inputs
+
+    x0_ref, out_ref, _ = run(None)
+    out_ref.square().sum().backward()
+    grads_ref = [x0_ref.grad] + [p.grad.clone() for p in blocks.parameters()]
+    blocks.zero_grad(set_to_none=True)
+
+    gc.disable()  # the host copies must go with the graph, not wait for the garbage collector
+    try:
+        offload = CopyOffload()
+        x0, out, inputs = run(offload)
+        log, first_host = offload.log, weakref.ref(offload.saved[0].host)
+        assert log == [("to_host", i) for i in range(4)]  # the block inputs, and nothing else (not `shared`)
+        assert all(torch.equal(s.host, i) for s, i in zip(offload.saved, inputs))
+        del offload
+        out.square().sum().backward()
+        # block 3 fetches its own input, then each block's unpack prefetches the one before it
+        assert log[4:] == [("to_device", i) for i in (3, 2, 1, 0)]
+        grads = [x0.grad] + [p.grad for p in blocks.parameters()]
+        assert all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
+        del out
+        assert first_host() is None
+    finally:
+        gc.enable()
