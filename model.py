@@ -10,6 +10,7 @@ final layer and q/k around RoPE run in fp32; everything else runs in the paramet
 """
 
 import contextlib
+import functools
 import json
 import math
 import re
@@ -213,8 +214,8 @@ def keep_attention_context():
 class BlockInputOffload:
     """Keeps the block inputs that activation checkpointing saves in pinned CPU memory instead of on the GPU.
 
-    Under checkpointing the block inputs are most of what a step holds (the 14B's 36 fp32 inputs at 84,480 tokens
-    are 62 GB). Forward: each input is copied to the host on a side stream, overlapping the next blocks. Backward:
+    Under checkpointing the block inputs are most of what a step holds (the 14B's 36 bf16 inputs at 84,480 tokens
+    are 31 GB). Forward: each input is copied to the host on a side stream, overlapping the next blocks. Backward:
     blocks are recomputed last to first; handing block i its input also starts copying block i-1's back, so that
     copy overlaps block i's backward. Only the tensor set as `block_input` is moved; the other saved inputs
     (timestep embedding, RoPE table, text) are shared by all blocks and stay where they are. Use as
@@ -227,7 +228,7 @@ class BlockInputOffload:
             self.device = None  # the copy back, while it is prefetched
 
     def __init__(self, stream):
-        self.stream = stream  # the side stream of the copies
+        self.stream = stream  # the side stream of the copies (one a device, reused: see offload_stream)
         self.block_input = None  # set before each checkpointed block
         self.saved = []  # in forward order
 
@@ -257,7 +258,7 @@ class BlockInputOffload:
     # the CUDA side: copies on the side stream, ordered against the compute stream
 
     def to_host(self, t):
-        self.stream.wait_stream(torch.cuda.current_stream())  # t is complete before it is copied
+        self.stream.wait_stream(torch.cuda.current_stream(t.device))  # t is complete before it is copied
         with torch.cuda.stream(self.stream):
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             host.copy_(t, non_blocking=True)
@@ -266,11 +267,18 @@ class BlockInputOffload:
 
     def to_device(self, host):
         with torch.cuda.stream(self.stream):  # queued after the copy to the host, on the same stream
-            return host.to("cuda", non_blocking=True)
+            return host.to(self.stream.device, non_blocking=True)
 
     def wait_for_copy(self, t):
-        torch.cuda.current_stream().wait_stream(self.stream)
-        t.record_stream(torch.cuda.current_stream())  # allocated on the side stream, used on this one
+        torch.cuda.current_stream(t.device).wait_stream(self.stream)
+        t.record_stream(torch.cuda.current_stream(t.device))  # allocated on the side stream, used on this one
+
+
+@functools.cache
+def offload_stream(device):
+    """One side stream a device for BlockInputOffload, created once: memory the copies allocate stays cached on it
+    from step to step, and it is never one of the pooled streams that NCCL may also be using."""
+    return torch.cuda.Stream(device=device)
 
 
 # Context parallelism (Ulysses): the ranks of a group each hold a contiguous share of a video's latent frames.
@@ -573,25 +581,29 @@ class DiT(nn.Module):
         t_emb_B_T_D = self.t_embedding_norm(emb_B_T_D)  # [B,Tt,D] fp32
 
         checkpointing = self.activation_checkpointing != "none" and torch.is_grad_enabled()
-        if self.offload_block_inputs and (self.activation_checkpointing == "none" or not x.is_cuda):
-            raise ValueError(f"offload_block_inputs moves the block inputs that activation checkpointing keeps to "
-                             f"pinned host memory: it needs activation_checkpointing 'full' or 'selective' (got "
-                             f"{self.activation_checkpointing!r}) and CUDA tensors (got {x.device})")
-        offload = BlockInputOffload(torch.cuda.Stream()) if checkpointing and self.offload_block_inputs else None
+        if self.offload_block_inputs and self.activation_checkpointing == "none":
+            raise ValueError("offload_block_inputs moves the block inputs that activation checkpointing keeps: set "
+                             "activation_checkpointing to 'full' or 'selective' (got 'none')")
+        if self.offload_block_inputs and not x.is_cuda:
+            raise ValueError(f"offload_block_inputs copies block inputs between the GPU and pinned host memory: it "
+                             f"needs CUDA tensors (got {x.device})")
+        offload = BlockInputOffload(offload_stream(x.device)) if checkpointing and self.offload_block_inputs else None
         with offload.hooks() if offload else contextlib.nullcontext():
-            for block in self.blocks:
-                args = (x_B_T_HW_D, t_emb_B_T_D, adaln_lora_B_T_3D, crossattn_emb, rope_cos_sin)
-                if not checkpointing:
-                    x_B_T_HW_D = block(*args)
-                    continue
-                # keep the block input (and, when selective, the attention outputs); recompute the rest
-                context_fn = keep_attention_context if self.activation_checkpointing == "selective" else None
+            try:
+                for block in self.blocks:
+                    args = (x_B_T_HW_D, t_emb_B_T_D, adaln_lora_B_T_3D, crossattn_emb, rope_cos_sin)
+                    if not checkpointing:
+                        x_B_T_HW_D = block(*args)
+                        continue
+                    # keep the block input (and, when selective, the attention outputs); recompute the rest
+                    context_fn = keep_attention_context if self.activation_checkpointing == "selective" else None
+                    if offload:
+                        offload.block_input = x_B_T_HW_D
+                    x_B_T_HW_D = torch.utils.checkpoint.checkpoint(
+                        block, *args, use_reentrant=False, **({"context_fn": context_fn} if context_fn else {}))
+            finally:  # the hooks live on in the graph: they must not hold an input (that would be a reference cycle)
                 if offload:
-                    offload.block_input = x_B_T_HW_D
-                x_B_T_HW_D = torch.utils.checkpoint.checkpoint(
-                    block, *args, use_reentrant=False, **({"context_fn": context_fn} if context_fn else {}))
-            if offload:
-                offload.block_input = None  # the hooks live on in the graph; they must not hold the last input
+                    offload.block_input = None
 
         out = self.final_layer(x_B_T_HW_D, t_emb_B_T_D, adaln_lora_B_T_3D)  # [B,T',H'W',p*p*pt*C] fp32
         # unpatchify: the feature axis is ordered (p_h, p_w, p_t, C), channel fastest

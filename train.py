@@ -503,10 +503,12 @@ def main(argv):
         raise SystemExit(f"cache_dir {cache_dir} has no manifest.json (run `prep_data.py cache` first)")
     if not cache_dir and not Path(dataset_dir).is_dir():
         raise SystemExit(f"dataset_dir {dataset_dir} does not exist")
-    if offload_block_inputs and (activation_checkpointing == "none" or device.type != "cuda"):
-        raise SystemExit(f"offload_block_inputs=True moves what activation checkpointing keeps to pinned host memory: "
-                         f"it needs activation_checkpointing 'full' or 'selective' (got {activation_checkpointing!r}) "
-                         f"and a CUDA device (got {device})")
+    if offload_block_inputs and activation_checkpointing == "none":
+        raise SystemExit("offload_block_inputs=True moves the block inputs that activation checkpointing keeps: set "
+                         "activation_checkpointing='full' or 'selective' (got 'none')")
+    if offload_block_inputs and device.type != "cuda":
+        raise SystemExit(f"offload_block_inputs=True copies block inputs between the GPU and pinned host memory: it "
+                         f"needs a CUDA device (got {device})")
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         print(json.dumps(config, indent=2, default=str))
