@@ -47,6 +47,9 @@ def main():
     if not set(layouts) <= {"context", "guidance"}:
         raise SystemExit(f"--layouts {args.layouts}: expected a comma-separated subset of context,guidance")
     rank, world, device = train.init_distributed()
+    if "guidance" in layouts and world % 2:
+        raise SystemExit(f"--layouts guidance splits the ranks into a conditional and an unconditional half: it needs "
+                         f"an even number of processes (got {world}); use --layouts context")
     preset, shape = ("tiny", (4, 4, 4)) if args.smoke else ("cosmos_2b", (24, 88, 160))
     cfg = dataclasses.replace(DIT_PRESETS[preset], num_heads=4) if args.smoke else DIT_PRESETS[preset]
     dtype = torch.float32 if args.smoke else torch.bfloat16
@@ -86,7 +89,7 @@ def main():
         rows.append((f"context parallel over {world}", world, seconds,
                      ((out - reference).norm() / reference.norm()).item()))
         net.enable_context_parallel(None)
-    if "guidance" in layouts and world % 2 == 0:  # the first half runs the conditional pass, the second the other
+    if "guidance" in layouts:  # the first half of the ranks runs the conditional pass, the second the other
         n = world // 2  # each half splits the video over its n GPUs
         halves = [dist.new_group(list(range(start, start + n))) for start in (0, n)] if n > 1 else [None, None]
         pairs = [dist.new_group([i, n + i]) for i in range(n)]
