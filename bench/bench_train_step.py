@@ -76,23 +76,33 @@ def peak_gib(device):
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
 
-def ours(preset, shape, device, warmup, repeat, checkpointing, backend, offload=False, cp_group=None):
-    """train.py's model and step."""
+def build(device, preset, backend, checkpointing="selective", offload=False):
+    """train.py's model for these settings: a random base, LoRA r32 on the reference targets."""
     train.dit_preset, train.dtype, train.attention_backend = preset, "bfloat16", backend
     train.activation_checkpointing, train.offload_block_inputs = checkpointing, offload
     train.base_checkpoint, train.use_lora, train.seed = "", True, 0
+    return train.build_model(device)
+
+
+def random_inputs(device, preset, shape):
+    """Latents [1,16,T,H,W] and text embeddings [1,512,D] in bf16, the same on every rank (a context-parallel
+    group must share its video)."""
+    g = torch.Generator(device).manual_seed(1)
+    latents = torch.randn(1, 16, *shape, device=device, dtype=torch.bfloat16, generator=g)
+    text_dim = DIT_PRESETS[preset].crossattn_proj_in_channels
+    return latents, torch.randn(1, 512, text_dim, device=device, dtype=torch.bfloat16, generator=g)
+
+
+def ours(preset, shape, device, warmup, repeat, checkpointing, backend, offload=False, cp_group=None):
+    """train.py's model and step."""
     reset_memory(device)
-    model = train.build_model(device)
+    model = build(device, preset, backend, checkpointing, offload)
     model.enable_context_parallel(cp_group)
     model = train.shard_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type == "cuda")
     ema = [p.detach().clone().float() for p in trainable]
-    cfg = DIT_PRESETS[preset]
-    T, H, W = shape
-    g = torch.Generator(device).manual_seed(1)  # the same video on every rank of a context-parallel group
-    latents = torch.randn(1, 16, T, H, W, device=device, dtype=torch.bfloat16, generator=g)
-    text = torch.randn(1, 512, cfg.crossattn_proj_in_channels, device=device, dtype=torch.bfloat16, generator=g)
+    latents, text = random_inputs(device, preset, shape)
     generators = [torch.Generator(device).manual_seed(0)]
     reset_memory(device)  # the fp32 random init is not part of a step
 
@@ -115,13 +125,8 @@ def check_offload(device, shape=(8, 32, 64)):
     """The step with the block inputs in host memory computes what it computes without (loss and every LoRA
     gradient, against the difference between two runs without offload: the GPU backward is not bit-reproducible),
     and its peak memory is lower by about the block inputs' size. Exits when either fails."""
-    train.dit_preset, train.dtype, train.attention_backend = "cosmos_2b", "bfloat16", "sdpa"
-    train.activation_checkpointing, train.offload_block_inputs = "selective", False
-    train.base_checkpoint, train.use_lora, train.seed = "", True, 0
-    model = train.build_model(device)
-    g = torch.Generator(device).manual_seed(1)
-    latents = torch.randn(1, 16, *shape, device=device, dtype=torch.bfloat16, generator=g)
-    text = torch.randn(1, 512, 100352, device=device, dtype=torch.bfloat16, generator=g)
+    model = build(device, "cosmos_2b", "sdpa")
+    latents, text = random_inputs(device, "cosmos_2b", shape)
     results = []
     for offload in (False, False, True):
         model.offload_block_inputs = offload
@@ -209,14 +214,9 @@ def diffusers_peft(preset, shape, device, warmup, repeat):
 @torch.no_grad()
 def check_attention_backends(device, shape):
     """The DiT with our Triton attention equals the DiT with SDPA to bf16 rounding (same weights and inputs)."""
-    train.dit_preset, train.dtype, train.attention_backend = "cosmos_2b", "bfloat16", "triton"
-    train.use_lora, train.base_checkpoint, train.seed = True, "", 0
     reset_memory(device)
-    model = train.build_model(device)
-    T, H, W = shape
-    g = torch.Generator(device).manual_seed(1)
-    x = torch.randn(1, 16, T, H, W, device=device, generator=g, dtype=torch.bfloat16)
-    text = torch.randn(1, 512, 100352, device=device, generator=g, dtype=torch.bfloat16)
+    model = build(device, "cosmos_2b", "triton")
+    x, text = random_inputs(device, "cosmos_2b", shape)
     sigma = torch.full((1,), 0.7, device=device)
     outs = {}
     for backend in ("triton", "sdpa"):
