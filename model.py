@@ -83,6 +83,20 @@ class Fp32Linear(nn.Linear):
         return F.linear(x.float(), self.weight.float(), bias)
 
 
+def fused_on_cuda(fn):
+    """`fn` compiled by torch.compile when its first argument is a CUDA tensor, as written otherwise. Each of these
+    elementwise functions then reads and writes the activations once instead of once per op (eager runs 5-10 passes
+    over a 346 MB tensor for each at 84,480 tokens, a third of a step's non-attention time)."""
+    compiled = torch.compile(fn, fullgraph=True)
+
+    @functools.wraps(fn)
+    def run(x, *args):
+        return compiled(x, *args) if x.is_cuda else fn(x, *args)
+
+    return run
+
+
+@fused_on_cuda
 def rms_norm_fp32(x, weight, eps):
     return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
 
@@ -160,6 +174,7 @@ class VideoRopePosition3DEmb(nn.Module):
         return angles.cos(), angles.sin()
 
 
+@fused_on_cuda
 def apply_rope(x_B_L_H_D, cos_L_D, sin_L_D):
     """Rotate-half RoPE, computed in fp32 (the reference upcasts q and k before rotating)."""
     x = x_B_L_H_D.float()
@@ -382,10 +397,16 @@ def adaln_modulation(dim, adaln_lora_dim, n_chunks):
                          Fp32Linear(adaln_lora_dim, n_chunks * dim, bias=False))
 
 
+@fused_on_cuda
 def modulate(x_B_T_HW_D, shift_B_T_D, scale_B_T_D):
     """LayerNorm (no affine) then x*(1+scale)+shift, per frame, in the activation dtype."""
     x = F.layer_norm(x_B_T_HW_D, (x_B_T_HW_D.shape[-1],), eps=1e-6)
     return x * (1 + scale_B_T_D[:, :, None]) + shift_B_T_D[:, :, None]
+
+
+@fused_on_cuda
+def gated_residual(x_B_T_HW_D, gate_B_T_D, h_B_T_HW_D):
+    return x_B_T_HW_D + gate_B_T_D[:, :, None] * h_B_T_HW_D
 
 
 class Block(nn.Module):
@@ -412,14 +433,14 @@ class Block(nn.Module):
 
         h = modulate(x_B_T_HW_D, shift_sa, scale_sa).reshape(B, T * HW, D)  # [B,L,D]
         h = self.self_attn(h, None, rope_cos_sin).reshape(B, T, HW, D)  # [B,T,HW,D]
-        x_B_T_HW_D = x_B_T_HW_D + gate_sa[:, :, None] * h
+        x_B_T_HW_D = gated_residual(x_B_T_HW_D, gate_sa, h)
 
         h = modulate(x_B_T_HW_D, shift_ca, scale_ca).reshape(B, T * HW, D)  # [B,L,D]
         h = self.cross_attn(h, crossattn_emb_B_M_D).reshape(B, T, HW, D)  # [B,T,HW,D]
-        x_B_T_HW_D = x_B_T_HW_D + gate_ca[:, :, None] * h
+        x_B_T_HW_D = gated_residual(x_B_T_HW_D, gate_ca, h)
 
         h = self.mlp(modulate(x_B_T_HW_D, shift_mlp, scale_mlp))  # [B,T,HW,D]
-        return x_B_T_HW_D + gate_mlp[:, :, None] * h
+        return gated_residual(x_B_T_HW_D, gate_mlp, h)
 
 
 class Timesteps(nn.Module):
