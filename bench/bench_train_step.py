@@ -212,21 +212,27 @@ def diffusers_peft(preset, shape, device, warmup, repeat):
 
 
 @torch.no_grad()
-def check_attention_backends(device, shape):
-    """The DiT with our Triton attention equals the DiT with SDPA to bf16 rounding (same weights and inputs)."""
+def check_forward(device, shape):
+    """The DiT forward with our Triton attention, with SDPA, and with SDPA and no torch.compile (model.fused_on_cuda
+    off), each against an eager fp32 forward with SDPA (same weights and inputs). Exits when one is off by more than
+    bf16 rounding."""
     reset_memory(device)
     model = build(device, "cosmos_2b", "triton")
     x, text = random_inputs(device, "cosmos_2b", shape)
     sigma = torch.full((1,), 0.7, device=device)
     outs = {}
-    for backend in ("triton", "sdpa"):
+    for name, backend, compiled in (("triton", "triton", True), ("sdpa", "sdpa", True), ("sdpa eager", "sdpa", False)):
         for m in model.modules():
             if hasattr(m, "backend"):
                 m.backend = backend
-        outs[backend] = model(x, sigma, text)
-    ref = model.float()(x.float(), sigma, text.float())  # fp32 SDPA reference
-    err = {b: ((o - ref).norm() / ref.norm()).item() for b, o in outs.items()}
+        with torch.compiler.set_stance("default" if compiled else "force_eager"):
+            outs[name] = model(x, sigma, text)
+    with torch.compiler.set_stance("force_eager"):
+        ref = model.float()(x.float(), sigma, text.float())
+    err = {name: ((o - ref).norm() / ref.norm()).item() for name, o in outs.items()}
     del model
+    if max(err.values()) > 2e-2:
+        raise SystemExit(f"DiT forward differs from the fp32 forward by more than bf16 rounding: {err}")
     return err
 
 
@@ -273,9 +279,9 @@ def main():
         say(f"diffusers+PEFT {preset} {shape}: {peer[(preset, shape)][0]:.3f} s, {peer[(preset, shape)][1]:.1f} GiB",
             flush=True)
     if not (args.smoke or args.skip_checks or world > 1):
-        err = check_attention_backends(device, (24, 54, 96))
-        say(f"2B forward at 24x54x96, relative error vs fp32: triton {err['triton']:.2e}, sdpa {err['sdpa']:.2e}",
-            flush=True)
+        err = check_forward(device, (24, 54, 96))
+        say("2B forward at 24x54x96, relative error vs an eager fp32 forward: "
+            + ", ".join(f"{name} {e:.2e}" for name, e in err.items()), flush=True)
         check_offload(device)
     results = []
     for preset, shape, ckpt, backend, offload in rows:

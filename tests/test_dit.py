@@ -349,6 +349,36 @@ def test_offload_block_inputs_needs_checkpointing_and_cuda(checkpointing, messag
         model(torch.randn(1, 16, 2, 4, 4), torch.rand(1), torch.randn(1, 5, 72))
 
 
+@pytest.mark.parametrize("checkpointing", ["none", "selective"])
+def test_fused_elementwise_functions_compile_whole_and_keep_the_gradients(monkeypatch, checkpointing):
+    """On CUDA the DiT runs its elementwise functions through torch.compile with fullgraph=True, where a graph break
+    is an error at the first step. Here they are compiled on the CPU (aot_eager: Dynamo's tracing and AOTAutograd's
+    backward, no code generation) inside a forward and backward, with and without selective checkpointing."""
+    import model as model_module
+
+    model = tiny_model()
+    model.activation_checkpointing = checkpointing
+    x, sigma, text = tiny_inputs()
+
+    def grads():
+        model.zero_grad()
+        out = model(x, sigma, text)
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    want_out, want_grads = grads()
+    torch._dynamo.reset()
+    names = ["rms_norm_fp32", "apply_rope", "modulate", "gated_residual"]
+    for name in names:
+        eager = getattr(model_module, name).__wrapped__
+        monkeypatch.setattr(model_module, name, torch.compile(eager, backend="aot_eager", fullgraph=True))
+    got_out, got_grads = grads()
+    torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-6)
+    for n, g in want_grads.items():
+        torch.testing.assert_close(got_grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= len(names)
+
+
 class CopyOffload(BlockInputOffload):
     """BlockInputOffload's bookkeeping, with plain CPU copies in place of the CUDA side-stream copies."""
 
