@@ -84,9 +84,10 @@ class Fp32Linear(nn.Linear):
 
 
 def fused_on_cuda(fn):
-    """`fn` compiled by torch.compile when its first argument is a CUDA tensor, as written otherwise. Each of these
-    elementwise functions then reads and writes the activations once instead of once per op (eager runs 5-10 passes
-    over a 346 MB tensor for each at 84,480 tokens, a third of a step's non-attention time)."""
+    """`fn` compiled by torch.compile when its first argument is a CUDA tensor, as written otherwise (CPU runs and
+    tests stay eager). Compiled, each of these elementwise functions is one kernel that reads its inputs and writes its
+    output once; eager, each op is a pass over the activations (346 MB at 84,480 tokens, fp32 inside the norms and
+    RoPE). On an H100 this took the 2B training step from 13.2 to 12.1 s at 84,480 tokens (BENCHMARKS.md)."""
     compiled = torch.compile(fn, fullgraph=True)
 
     @functools.wraps(fn)
