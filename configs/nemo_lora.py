@@ -18,7 +18,7 @@ base_checkpoint = "checkpoints/nvidia/Cosmos-Predict2.5-2B/base/pre-trained/d20b
 dtype = "bfloat16"
 attention_backend = "sdpa"  # cuDNN first; "triton" selects kernels/attention.py
 activation_checkpointing = "selective"
-offload_block_inputs = False  # True: block inputs in pinned host memory, 41.9 -> 33.6 GiB a GPU at the same speed
+offload_block_inputs = False  # True: block inputs in pinned host memory, 41.0 -> 32.6 GiB a GPU at the same speed
                               # (H100), for 14 GiB of host RAM a process
 
 # Data: 93 frames at 704x1280 (24 x 88 x 160 latents), batch 1 per GPU, 4 loader workers. The reference encodes
