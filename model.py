@@ -84,15 +84,20 @@ class Fp32Linear(nn.Linear):
 
 
 def fused_on_cuda(fn):
-    """`fn` compiled by torch.compile when its first argument is a CUDA tensor, as written otherwise (CPU runs and
-    tests stay eager). Compiled, each of these elementwise functions is one kernel that reads its inputs and writes its
-    output once; eager, each op is a pass over the activations (346 MB at 84,480 tokens, fp32 inside the norms and
-    RoPE). On an H100 this took the 2B training step from 13.2 to 12.1 s at 84,480 tokens (BENCHMARKS.md)."""
-    compiled = torch.compile(fn, fullgraph=True)
+    """`fn` compiled by torch.compile for 16-bit CUDA activations (the blocks'), as written otherwise. Compiled, each
+    of these elementwise functions is one kernel that reads its inputs and writes its output once; eager, each op is a
+    pass over the activations (346 MB at 84,480 tokens, fp32 inside the norms and RoPE). On an H100 this took the 2B
+    training step from 13.2 to 12.1 s at 84,480 tokens (BENCHMARKS.md). CPU runs and tests stay eager, and so do the
+    fp32 calls (timestep-embedding norm, final layer; once a forward): torch.compile keeps at most eight graph variants
+    a function (each grad mode, dtype and new shape makes one), and those would use them up. Past eight the function
+    runs eager with a warning; with fullgraph=True it would raise mid-run, so graph breaks are caught by a test."""
+    compiled = functools.cache(lambda: torch.compile(fn))  # made at the first CUDA call: importing Inductor is slow
 
     @functools.wraps(fn)
     def run(x, *args):
-        return compiled(x, *args) if x.is_cuda else fn(x, *args)
+        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+            return compiled()(x, *args)
+        return fn(x, *args)
 
     return run
 

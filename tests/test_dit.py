@@ -351,9 +351,10 @@ def test_offload_block_inputs_needs_checkpointing_and_cuda(checkpointing, messag
 
 @pytest.mark.parametrize("checkpointing", ["none", "selective"])
 def test_fused_elementwise_functions_compile_whole_and_keep_the_gradients(monkeypatch, checkpointing):
-    """On CUDA the DiT runs its elementwise functions through torch.compile with fullgraph=True, where a graph break
-    is an error at the first step. Here they are compiled on the CPU (aot_eager: Dynamo's tracing and AOTAutograd's
-    backward, no code generation) inside a forward and backward, with and without selective checkpointing."""
+    """On CUDA the DiT runs its elementwise functions through torch.compile, where a graph break would silently split
+    each back into several kernels. Here they are compiled on the CPU with fullgraph=True, so a graph break fails
+    (aot_eager: Dynamo's tracing and AOTAutograd's backward, no code generation), inside a forward and backward,
+    with and without selective checkpointing."""
     import model as model_module
 
     model = tiny_model()
