@@ -89,8 +89,9 @@ def fused_on_cuda(fn):
     pass over the activations (346 MB at 84,480 tokens, fp32 inside the norms and RoPE). On an H100 this took the 2B
     training step from 13.2 to 12.1 s at 84,480 tokens (BENCHMARKS.md). CPU runs and tests stay eager, and so do the
     fp32 calls (timestep-embedding norm, final layer; once a forward): torch.compile keeps at most eight graph variants
-    a function (each grad mode, dtype and new shape makes one), and those would use them up. Past eight the function
-    runs eager with a warning; with fullgraph=True it would raise mid-run, so graph breaks are caught by a test."""
+    a function (grad mode, dtype, which inputs require grad and new shapes each add some), and those would use them up.
+    Past eight it runs the new variants eager with a warning; with fullgraph=True it would raise mid-run, so graph
+    breaks are caught by a test instead (tests/test_dit.py)."""
     compiled = functools.cache(lambda: torch.compile(fn))  # made at the first CUDA call: importing Inductor is slow
 
     @functools.wraps(fn)
