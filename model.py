@@ -616,6 +616,8 @@ class DiT(nn.Module):
             raise ValueError(f"offload_block_inputs copies block inputs between the GPU and pinned host memory: it "
                              f"needs CUDA tensors (got {x.device})")
         offload = BlockInputOffload(offload_stream(x.device)) if checkpointing and self.offload_block_inputs else None
+        # keep the block input (and, when selective, the attention outputs); recompute the rest
+        selective = {"context_fn": keep_attention_context} if self.activation_checkpointing == "selective" else {}
         with offload.hooks() if offload else contextlib.nullcontext():
             try:
                 for block in self.blocks:
@@ -623,12 +625,9 @@ class DiT(nn.Module):
                     if not checkpointing:
                         x_B_T_HW_D = block(*args)
                         continue
-                    # keep the block input (and, when selective, the attention outputs); recompute the rest
-                    context_fn = keep_attention_context if self.activation_checkpointing == "selective" else None
                     if offload:
                         offload.block_input = x_B_T_HW_D
-                    x_B_T_HW_D = torch.utils.checkpoint.checkpoint(
-                        block, *args, use_reentrant=False, **({"context_fn": context_fn} if context_fn else {}))
+                    x_B_T_HW_D = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, **selective)
             finally:  # the hooks live on in the graph: they must not hold an input (that would be a reference cycle)
                 if offload:
                     offload.block_input = None

@@ -145,7 +145,8 @@ def check_offload(device, shape=(8, 32, 64)):
         grads = max(((x - y).norm() / y.norm().clamp_min(1e-30)).item() for x, y in zip(a[1], b[1]))
         return loss, grads
 
-    (rerun_loss, rerun_grad), (offload_loss, offload_grad) = difference(*results[:2]), difference(*results[::-2])
+    (rerun_loss, rerun_grad), (offload_loss, offload_grad) = (difference(results[0], results[1]),
+                                                              difference(results[2], results[0]))
     saved = (results[0][2] - results[2][2]) / block_inputs
     print(f"offload check (2B, {T}x{H}x{W}): loss difference {offload_loss:.1e}, largest relative LoRA gradient "
           f"difference {offload_grad:.1e}; two runs without offload: {rerun_loss:.1e}, {rerun_grad:.1e}; peak memory "
