@@ -5,8 +5,8 @@ compute and their gradients come back in their own dtype.
 
 Forward:  S = x A^T (thin GEMM, kept for the backward), then one Triton GEMM that runs the K loop of x W^T and adds
           S (s B)^T to its accumulator before the store: y is written once, with no temporary the size of y.
-Backward: dS = dY (s B), dB = s dY^T S, dA = dS^T x (thin GEMMs), and dX = dY W + dS A in the same Triton GEMM.
-          No dW: W is frozen.
+Backward: one Triton pass over dY gives dS = dY (s B) and dB = s dY^T S (as per-row-block partial sums), dA = dS^T x
+          is a thin cuBLAS GEMM, and dX = dY W + dS A runs in the same Triton GEMM as the forward. No dW: W is frozen.
 
 The GEMM is persistent: one program an SM walks the output tiles, and its tile loop is flattened into the K loop so
 that the next tile's loads are in flight while this tile's epilogue (the low-rank product, the store) runs. The
@@ -134,6 +134,60 @@ def _launch_matmul(u, w, low, up, trans_w, out):
         _lora_matmul_tuned[grid](**args, NUM_PROGRAMS=sms)
 
 
+@triton.jit(do_not_specialize=["M"])
+def _lora_dy_pass_kernel(desc_dy, desc_b, desc_s, desc_ds, DB_PARTS, M, N,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One read of dY [M, N] for both low-rank gradients: dS [M, r] = dY (s B), and this program's share of
+    dY^T S, summed over its BLOCK_M rows: DB_PARTS[program] [N, BLOCK_R] (fp32, summed over programs afterwards)."""
+    pid = tl.program_id(0)
+    off_m = pid * BLOCK_M
+    s = desc_s.load([off_m, 0])  # [BLOCK_M, BLOCK_R]; rows past M and columns past r are zero-filled
+    ds = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+    offs_r = tl.arange(0, BLOCK_R)
+    for n in range(0, N, BLOCK_N):
+        dy = desc_dy.load([off_m, n])  # [BLOCK_M, BLOCK_N]
+        ds = _dot(dy, desc_b.load([n, 0]), ds)
+        db = _dot(tl.trans(dy), s, tl.zeros([BLOCK_N, BLOCK_R], tl.float32))
+        offs_n = n + tl.arange(0, BLOCK_N)
+        tl.store(DB_PARTS + (pid * N + offs_n)[:, None] * BLOCK_R + offs_r[None, :], db, mask=offs_n[:, None] < N)
+    desc_ds.store([off_m, 0], ds.to(s.dtype))
+
+
+def _set_dy_pass_shapes(nargs):
+    bm, bn, br = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_R"]
+    for name, shape in (("desc_dy", [bm, bn]), ("desc_b", [bn, br]), ("desc_s", [bm, br]), ("desc_ds", [bm, br])):
+        nargs[name].block_shape = shape
+
+
+# BLOCK_M is fixed (it sets the number of dB partial sums, allocated before the launch): 256 rows make the partials a
+# quarter of dY's bytes (fp32, r = 32) and 330 programs at 84,480 tokens, enough to keep HBM busy.
+_DY_PASS_BLOCK_M = 256
+_DY_PASS_CONFIGS = [triton.Config({"BLOCK_N": bn}, num_stages=s, num_warps=w, pre_hook=_set_dy_pass_shapes)
+                    for bn, s, w in [(64, 3, 8), (128, 2, 8), (64, 4, 8)]]
+_lora_dy_pass_tuned = triton.autotune(_DY_PASS_CONFIGS, key=["M", "N"])(_lora_dy_pass_kernel)
+
+
+def _launch_dy_pass(dy, b_scaled, s_M_r):
+    """(dS = dY (s B) [M, r] in dY's dtype, dY^T S [N, r] in fp32) from one read of dY."""
+    M, N = dy.shape
+    r = s_M_r.shape[1]
+    block_m = 16 if _INTERPRET else _DY_PASS_BLOCK_M
+    block_r = max(16, triton.next_power_of_2(r))
+    programs = triton.cdiv(M, block_m)
+    ds = torch.empty((M, r), device=dy.device, dtype=dy.dtype)
+    db_parts = torch.empty((programs, N, block_r), device=dy.device, dtype=torch.float32)
+    desc = lambda t: TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [16, 16])
+    args = dict(desc_dy=desc(dy), desc_b=desc(b_scaled), desc_s=desc(s_M_r), desc_ds=desc(ds), DB_PARTS=db_parts,
+                M=M, N=N, BLOCK_M=block_m, BLOCK_R=block_r)
+    if _INTERPRET:
+        meta = dict(args, BLOCK_N=16)
+        _set_dy_pass_shapes(meta)
+        _lora_dy_pass_kernel[(programs,)](**meta)
+    else:
+        _lora_dy_pass_tuned[(programs,)](**args)
+    return ds, db_parts.sum(0)[:, :r]
+
+
 @torch.library.custom_op("cosmos_kernels::lora_linear_fwd", mutates_args=())
 def _lora_fwd(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,12 +205,11 @@ def _(x, weight, lora_A, lora_B, scale):
 @torch.library.custom_op("cosmos_kernels::lora_linear_bwd", mutates_args=())
 def _lora_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
               s_M_r: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    a, b = lora_A.to(dy.dtype), lora_B.to(dy.dtype)
-    ds_M_r = dy @ (b * scale)
-    db_N_r = (dy.t() @ s_M_r).to(lora_B.dtype) * scale
+    ds_M_r, dyt_s_N_r = _launch_dy_pass(dy, (lora_B * scale).to(dy.dtype), s_M_r)
+    db_N_r = (dyt_s_N_r * scale).to(lora_B.dtype)
     da_r_K = (ds_M_r.t() @ x).to(lora_A.dtype)
     dx_M_K = torch.empty_like(x)
-    _launch_matmul(dy, weight, ds_M_r, a, False, dx_M_K)
+    _launch_matmul(dy, weight, ds_M_r, lora_A.to(dy.dtype), False, dx_M_K)
     return dx_M_K, da_r_K, db_N_r
 
 

@@ -14,7 +14,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 import kernels.attention as attention
 from kernels.attention import attention_reference, flash_attention, flash_attention_with_lse
-from kernels.lora import _launch_matmul, lora_linear, lora_linear_reference
+from kernels.lora import _launch_dy_pass, _launch_matmul, lora_linear, lora_linear_reference
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
@@ -182,6 +182,15 @@ def test_lora_matmul_writes_every_element(trans_w):
     expected = u.double() @ op(w).double() + low.double() @ op(up).double()
     assert not out.isnan().any()
     assert rel_err(out, expected) < TOL[torch.bfloat16]
+
+
+def test_lora_dy_pass():
+    M, N, r = 53, 72, 24  # 4 row blocks of 16 (the last partial), N and r not multiples of 16
+    dy, b, s = randn(M, N), randn(N, r), randn(M, r)
+    ds, dyt_s = _launch_dy_pass(dy, b, s)
+    assert ds.shape == (M, r) and ds.dtype == dy.dtype and dyt_s.shape == (N, r) and dyt_s.dtype == torch.float32
+    assert rel_err(ds, dy.double() @ b.double()) < TOL[torch.bfloat16]
+    assert rel_err(dyt_s, dy.double().t() @ s.double()) < TOL[torch.bfloat16]
 
 
 def test_lora_rejects_bad_inputs():
