@@ -1,4 +1,5 @@
-"""Attention speed on the GPU: our Triton flash attention vs SDPA's cuDNN, flash and efficient backends.
+"""Attention speed on the GPU: our flash attention (kernels/: on Hopper the Gluon forward and the `tl` backward; the
+`tl` forward timed beside it) vs SDPA's cuDNN, flash and efficient backends.
 
 B=1, H=16, D=128, bf16, the DiT's [B, S, H, D] layout (SDPA gets the [B, H, S, D] views of the same tensors).
 TFLOP/s use the FlashAttention convention: forward 4*Sq*Sk*D*H, backward 2.5x forward. CUDA events, warm-up,
@@ -15,6 +16,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import kernels.attention as attention  # noqa: E402
 from kernels.attention import flash_attention  # noqa: E402
 
 SHAPES = [(84480, 84480), (31104, 31104), (21120, 21120), (84480, 512)]  # (Sq, Sk): self-attention, cross
@@ -44,7 +46,15 @@ def sdpa(backend):
     return attend
 
 
-METHODS = {"ours (Triton)": flash_attention, "SDPA cuDNN": sdpa(SDPBackend.CUDNN_ATTENTION),
+def tl_forward(q, k, v):
+    """Our `tl` forward kernel, which on Hopper the Gluon kernel replaces (forward only, for comparison)."""
+    B, Sq, H, D = q.shape
+    out, lse = torch.empty_like(q), torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
+    attention._launch_fwd_tl(q, k, v, D ** -0.5, out, lse)
+    return out
+
+
+METHODS = {"ours": flash_attention, "ours, tl forward": tl_forward, "SDPA cuDNN": sdpa(SDPBackend.CUDNN_ATTENTION),
            "SDPA flash": sdpa(SDPBackend.FLASH_ATTENTION), "SDPA efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION)}
 
 
@@ -75,8 +85,10 @@ def main():
             try:
                 with torch.no_grad():
                     fwd = time_ms(lambda: attend(q, k, v))
-                qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-                both = time_ms(lambda: torch.autograd.grad(attend(qg, kg, vg), (qg, kg, vg), do))
+                both = float("nan")
+                if attend is not tl_forward:
+                    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+                    both = time_ms(lambda: torch.autograd.grad(attend(qg, kg, vg), (qg, kg, vg), do))
             except Exception as e:  # a backend that does not take this shape
                 print(f"{method} at {Sq}x{Sk}: {str(e).splitlines()[0][:120]}")
                 fwd = both = float("nan")
@@ -84,9 +96,9 @@ def main():
             print(results[-1], flush=True)
     profile_ours(84480, 84480)
     print(f"\nattention, B1 H{H} D{D} bf16, {name}")
-    print(f"{'Sq x Sk':<14} {'method':<16} {'fwd ms':>9} {'fwd TF/s':>9} {'f+b ms':>9} {'f+b TF/s':>9}")
+    print(f"{'Sq x Sk':<14} {'method':<18} {'fwd ms':>9} {'fwd TF/s':>9} {'f+b ms':>9} {'f+b TF/s':>9}")
     for shape, method, fwd, fwd_tf, both, both_tf in results:
-        print(f"{shape:<14} {method:<16} {fwd:>9.2f} {fwd_tf:>9.0f} {both:>9.2f} {both_tf:>9.0f}")
+        print(f"{shape:<14} {method:<18} {fwd:>9.2f} {fwd_tf:>9.0f} {both:>9.2f} {both_tf:>9.0f}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels.attention as attention  # noqa: E402
+from kernels import attention_hopper  # noqa: E402
 from kernels.lora import _launch_matmul, lora_linear  # noqa: E402
 
 torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references in full fp32
@@ -105,13 +106,28 @@ def check_lora(M, K, N, r):
         record(f"{name} {what}", got, want, 1e-2)
 
 
+def check_forward_kernels_agree():
+    """On Hopper the forward is the Gluon kernel; the `tl` kernel must give the same function."""
+    q, k, v = (torch.randn(1, 84480, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out, lse = torch.empty_like(q), torch.empty((1, 16, 84480), device="cuda")
+    out_tl, lse_tl = torch.empty_like(q), torch.empty_like(lse)
+    attention._launch_fwd(q, k, v, 128 ** -0.5, out, lse)
+    attention._launch_fwd_tl(q, k, v, 128 ** -0.5, out_tl, lse_tl)
+    which = "Gluon (Hopper)" if attention_hopper.runs_on(q.device) else "tl"
+    record(f"forward at 84,480: {which} vs tl kernel, out", out, out_tl, 2e-3)
+    record(f"forward at 84,480: {which} vs tl kernel, lse", lse, lse_tl, 1e-6)
+
+
 def main():
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; forward "
+          f"kernel: {'Gluon (Hopper)' if attention_hopper.runs_on(torch.device('cuda')) else 'tl'}")
     torch.manual_seed(0)
     check_attention(1, 84480, 84480, 16, 128, torch.bfloat16, heads=[(0, 0), (0, 15)])
     check_attention(1, 84480, 512, 16, 128, torch.bfloat16, heads=[(0, 0), (0, 15)])  # split dK/dV path
     check_attention(2, 1000, 777, 4, 64, torch.bfloat16, heads=[(0, 0), (1, 3)])  # odd lengths, B > 1
     check_attention(1, 4096, 4096, 8, 128, torch.float16, heads=[(0, 0), (0, 7)])
+    check_attention(2, 37, 50, 3, 64, torch.float16, heads=[(0, 0), (1, 2)])  # one key block, rows < one tile
+    check_forward_kernels_agree()
     for K, N in ((2048, 2048), (2048, 8192), (8192, 2048)):
         check_lora(84480, K, N, 32)
     check_lora(1001, 2048, 2048, 32)  # odd M

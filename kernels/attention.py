@@ -8,7 +8,8 @@ q, k, v, out, lse, so a selective-checkpoint policy that keeps `out` and `lse` (
 `cosmos_kernels::flash_attn_fwd`) makes the backward skip re-running the forward.
 
 Kernels:
-  forward   one program per (query block, batch*head); K/V blocks streamed through TMA; softmax in base 2.
+  forward   one program per (query block, batch*head); K/V blocks streamed through TMA; softmax in base 2. On Hopper
+            (sm_90) the forward is kernels/attention_hopper.py instead (Gluon, warp-specialised, faster than cuDNN).
   dQ        one program per (query block, batch*head); also writes delta = rowsum(dO * O) for the dK/dV kernel.
   dK/dV     one program per (key block, batch*head, split); streams query blocks. When there are too few key blocks
             to fill the GPU (cross-attention onto 512 text tokens), the query range is split and fp32 partials summed.
@@ -27,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
+
+from kernels import attention_hopper
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Triton's CPU interpreter multiplies bf16 tiles as their raw 16-bit integers (seen with triton 3.9); under the
@@ -291,7 +294,18 @@ def _check_inputs(q, k, v):
 
 
 def _launch_fwd(q, k, v, scale, out, lse):
-    """Forward into preallocated out [B, Sq, H, D] (heads packed) and lse fp32 [B, H, Sq] (contiguous)."""
+    """Forward into preallocated out [B, Sq, H, D] (heads packed) and lse fp32 [B, H, Sq] (contiguous). On Hopper the
+    warp-specialised Gluon kernel (kernels/attention_hopper.py) runs it; elsewhere, and under the interpreter, the
+    kernel above."""
+    if not _INTERPRET and attention_hopper.runs_on(q.device):
+        _desc_store(out)  # the same layout checks as the Triton path
+        attention_hopper.launch_fwd(q, k, v, scale, out, lse)
+    else:
+        _launch_fwd_tl(q, k, v, scale, out, lse)
+
+
+def _launch_fwd_tl(q, k, v, scale, out, lse):
+    """The `tl` forward kernel above, on any GPU or under the interpreter (benchmarks compare it on Hopper)."""
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     args = dict(desc_q=_desc(q), desc_k=_desc(k), desc_v=_desc(v), desc_out=_desc_store(out), LSE=lse,
