@@ -15,6 +15,7 @@ Prints a table last, naming the card.
 """
 
 import argparse
+import dataclasses
 import gc
 import math
 import statistics
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sample  # noqa: E402
 from convert import dit_to_diffusers  # noqa: E402
-from model import DIT_PRESETS, DiT, WanVAE, WanVAEConfig  # noqa: E402
+from model import DIT_PRESETS, Attention, DiT, WanVAE, WanVAEConfig  # noqa: E402
 
 
 def timed(fn, device, reps=1, warmup=0):
@@ -111,6 +112,10 @@ def main():
     parser.add_argument("--steps", type=int, default=35, help="sampler steps of the whole video")
     parser.add_argument("--guidance", type=float, default=7.0)
     parser.add_argument("--skip_decode", action="store_true", help="leave the VAE decode out of the video")
+    parser.add_argument("--attention", choices=("sdpa", "triton"), default=None,
+                        help="our attention backend (default: the preset's)")
+    parser.add_argument("--also_attention", choices=("sdpa", "triton"), default=None,
+                        help="also time our guided step with this attention backend (same weights, same run)")
     args = parser.parse_args()
 
     if args.smoke:
@@ -123,6 +128,8 @@ def main():
     import diffusers
 
     cfg = DIT_PRESETS[preset]
+    if args.attention:
+        cfg = dataclasses.replace(cfg, attention_backend=args.attention)
     print(f"{card} | torch {torch.__version__} | diffusers {diffusers.__version__} | {preset}, our attention "
           f"{cfg.attention_backend} | latent {T}x{H}x{W} = {1 + 4 * (T - 1)}x{8 * H}x{8 * W} pixels, "
           f"{T * H * W // 4} tokens", flush=True)
@@ -147,6 +154,18 @@ def main():
         seconds, peak, v_ours = timed(lambda: velocity_fn(x, sigma), device, args.reps, warmup=1)
     rows["guided step (cond + uncond)"] = [seconds, peak]
     print(f"ours guided step: {seconds:.3f} s, {peak:.1f} GiB", flush=True)
+    if args.also_attention:
+        attentions = [m for m in ours.modules() if isinstance(m, Attention)]
+        for m in attentions:
+            m.backend = args.also_attention
+        with torch.no_grad():
+            seconds, peak, v_other = timed(lambda: velocity_fn(x, sigma), device, args.reps, warmup=1)
+        for m in attentions:
+            m.backend = cfg.attention_backend
+        rows[f"guided step, attention {args.also_attention}"] = [seconds, peak]
+        diff = ((v_other.float() - v_ours.float()).norm() / v_ours.float().norm()).item()
+        print(f"ours guided step with attention {args.also_attention}: {seconds:.3f} s, {peak:.1f} GiB; velocity "
+              f"differs from the {cfg.attention_backend} step's by {diff:.2e} (relative L2)", flush=True)
 
     # 2. ours: the whole video
     seconds, peak, latents = timed(lambda: sample.unipc_sample(velocity_fn, noise, sigmas, net_sigmas), device)
@@ -199,7 +218,7 @@ def main():
             print(f"| {name} | {s:.3f} | {p:.1f} | {their_s} | {their_p} | {ts / s:.2f}x |")
         else:
             print(f"| {name} | {s:.3f} | {p:.1f} | - | - | - |")
-    video_s = sum(r[0] for n, r in rows.items() if n != "guided step (cond + uncond)")
+    video_s = sum(r[0] for n, r in rows.items() if not n.startswith("guided step"))
     print(f"| whole video (DiT{'' if args.skip_decode else ' + VAE decode'}) | {video_s:.1f} | - | - | - | - |")
     print(f"guided velocity, ours vs diffusers: relative L2 difference {agreement:.2e} "
           f"({'bf16' if dtype == torch.bfloat16 else 'fp32'}; same weights, same inputs)")

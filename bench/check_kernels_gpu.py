@@ -113,20 +113,23 @@ def check_forward_kernels_agree():
     out_tl, lse_tl = torch.empty_like(q), torch.empty_like(lse)
     attention._launch_fwd(q, k, v, 128 ** -0.5, out, lse)
     attention._launch_fwd_tl(q, k, v, 128 ** -0.5, out_tl, lse_tl)
-    which = "Gluon (Hopper)" if attention_hopper.runs_on(q.device) else "tl"
+    which = "Gluon (Hopper)" if attention_hopper.serves(q, k) else "tl"
     record(f"forward at 84,480: {which} vs tl kernel, out", out, out_tl, 2e-3)
     record(f"forward at 84,480: {which} vs tl kernel, lse", lse, lse_tl, 1e-6)
 
 
 def main():
+    hopper = torch.cuda.get_device_capability() == (9, 0)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; forward "
-          f"kernel: {'Gluon (Hopper)' if attention_hopper.runs_on(torch.device('cuda')) else 'tl'}")
+          f"kernel for >= {attention_hopper.MIN_KEYS} keys: {'Gluon (Hopper)' if hopper else 'tl'}")
     torch.manual_seed(0)
     check_attention(1, 84480, 84480, 16, 128, torch.bfloat16, heads=[(0, 0), (0, 15)])
     check_attention(1, 84480, 512, 16, 128, torch.bfloat16, heads=[(0, 0), (0, 15)])  # split dK/dV path
     check_attention(2, 1000, 777, 4, 64, torch.bfloat16, heads=[(0, 0), (1, 3)])  # odd lengths, B > 1
     check_attention(1, 4096, 4096, 8, 128, torch.float16, heads=[(0, 0), (0, 7)])
     check_attention(2, 37, 50, 3, 64, torch.float16, heads=[(0, 0), (1, 2)])  # one key block, rows < one tile
+    check_attention(2, 1000, 1777, 4, 64, torch.bfloat16, heads=[(0, 0), (1, 3)])  # odd lengths, Hopper forward
+    check_attention(1, 37, 1100, 2, 128, torch.float16, heads=[(0, 0), (0, 1)])  # rows < one tile, Hopper forward
     check_forward_kernels_agree()
     for K, N in ((2048, 2048), (2048, 8192), (8192, 2048)):
         check_lora(84480, K, N, 32)

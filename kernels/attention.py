@@ -9,7 +9,8 @@ q, k, v, out, lse, so a selective-checkpoint policy that keeps `out` and `lse` (
 
 Kernels:
   forward   one program per (query block, batch*head); K/V blocks streamed through TMA; softmax in base 2. On Hopper
-            (sm_90) the forward is kernels/attention_hopper.py instead (Gluon, warp-specialised, faster than cuDNN).
+            (sm_90) with >= 1024 keys, the forward is kernels/attention_hopper.py instead (Gluon, warp-specialised,
+            faster than cuDNN).
   dQ        one program per (query block, batch*head); also writes delta = rowsum(dO * O) for the dK/dV kernel.
   dK/dV     one program per (key block, batch*head, split); streams query blocks. When there are too few key blocks
             to fill the GPU (cross-attention onto 512 text tokens), the query range is split and fp32 partials summed.
@@ -294,10 +295,10 @@ def _check_inputs(q, k, v):
 
 
 def _launch_fwd(q, k, v, scale, out, lse):
-    """Forward into preallocated out [B, Sq, H, D] (heads packed) and lse fp32 [B, H, Sq] (contiguous). On Hopper the
-    warp-specialised Gluon kernel (kernels/attention_hopper.py) runs it; elsewhere, and under the interpreter, the
-    kernel above."""
-    if not _INTERPRET and attention_hopper.runs_on(q.device):
+    """Forward into preallocated out [B, Sq, H, D] (heads packed) and lse fp32 [B, H, Sq] (contiguous). On Hopper, for
+    1024 keys or more, the warp-specialised Gluon kernel (kernels/attention_hopper.py) runs it; otherwise, and under
+    the interpreter, the kernel above."""
+    if not _INTERPRET and attention_hopper.serves(q, k):
         _desc_store(out)  # the same layout checks as the Triton path
         attention_hopper.launch_fwd(q, k, v, scale, out, lse)
     else:
