@@ -4,7 +4,7 @@ M = 84,480 tokens, (K, N) in {(2048, 2048), (2048, 8192), (8192, 2048)}, r = 32,
 forward + backward (dX, dA, dB; the plain matmul has only dX). Also a composition of cuBLAS calls that adds the
 low-rank term in place (addmm), the best one can do without a custom GEMM. CUDA events, warm-up, median over
 samples of 10 back-to-back calls: the GPU time of a call when the host runs ahead, as in a training step (a lone
-call of the fused op also waits on its host-side launches: Python, autograd, 5 TMA descriptors; reported too).
+call of the fused op also waits on its host-side launches: Python, autograd, TMA descriptors; reported too).
 Run from the repo root: python bench/bench_lora.py
 """
 

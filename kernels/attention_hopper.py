@@ -2,13 +2,15 @@
 explicitly pipelined tensor-core products (FlashAttention-3's schedule), which Triton's `tl` compiler does not produce.
 
 Same contract as the forward in kernels/attention.py (which runs this on sm_90 and its own `tl` kernel elsewhere):
-q [B, Sq, H, D], k/v [B, Sk, H, D] read in place as the matrices [B*S, H*D], D in {64, 128}, bf16/fp16, any lengths;
+q [B, Sq, H, D], k/v [B, Sk, H, D] read in place as the matrices [B*S, H*D], D in {64, 128}, bf16/fp16, Sq >= 1,
+Sk >= 1 (kernels/attention.py sends it Sk >= MIN_KEYS);
 writes out [B, Sq, H, D] and the natural-log log-sum-exp lse fp32 [B, H, Sq]. The reference is
 kernels.attention.attention_reference.
 
 One program per 128 query rows of one (batch, head), in three partitions:
-  loader     1 warp: TMA loads of the two Q tiles, then K and V blocks into a ring of STAGES buffers; it refills a
-             buffer once both consumers have released it (an mbarrier each for "ready" and "empty").
+  loader     1 warp: TMA loads of the two Q tiles, then K and V blocks into a ring of STAGES buffers. K and V each
+             have a "ready" and an "empty" mbarrier a buffer: a K buffer is refilled once both consumers have
+             finished S_j with it, a V buffer once both have finished P_j V_j, so K_{j+2} can load during P_j V_j.
   consumers  2 warpgroups, 64 query rows each, sharing the K/V ring. For key block j a consumer issues S_j = Q K_j^T,
              rescales O, issues O += P_{j-1} V_{j-1}, waits for S_j only, and computes the softmax of S_j while the
              P V product runs on the tensor cores. With two consumers, one's softmax also overlaps the other's products.
@@ -111,11 +113,12 @@ def _consumer(c: gl.constexpr, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, 
     out = acc / gl.convert_layout(l_i, row_o)[:, None]
     rows_o = first_row + gl.arange(0, BLOCK_M, layout=row_o)
     cols_o = (bh % H) * HEAD_DIM + gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    offs = b * out_stride_b + rows_o[:, None] * out_stride_s + cols_o[None, :]
+    # 64-bit offsets: an output of over 2^31 elements (e.g. 5 x 84,480 tokens x 40 heads x 128) wraps 32-bit ones
+    offs = b.to(gl.int64) * out_stride_b + rows_o.to(gl.int64)[:, None] * out_stride_s + cols_o[None, :]
     gl.store(out_ptr + offs, out.to(dtype), mask=(rows_o < Sq)[:, None])
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["Sq", "Sk"])  # one compile serves every length
 def _attn_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, out_stride_b, out_stride_s, qk_scale, Sq, Sk, H,
                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                      CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):

@@ -149,7 +149,8 @@ def _lora_dy_pass_kernel(desc_dy, desc_b, desc_s, desc_ds, DB_PARTS, M, N,
         ds = _dot(dy, desc_b.load([n, 0]), ds)
         db = _dot(tl.trans(dy), s, tl.zeros([BLOCK_N, BLOCK_R], tl.float32))
         offs_n = n + tl.arange(0, BLOCK_N)
-        tl.store(DB_PARTS + (pid * N + offs_n)[:, None] * BLOCK_R + offs_r[None, :], db, mask=offs_n[:, None] < N)
+        tl.store(DB_PARTS + (pid.to(tl.int64) * N + offs_n)[:, None] * BLOCK_R + offs_r[None, :], db,
+                 mask=offs_n[:, None] < N)
     desc_ds.store([off_m, 0], ds.to(s.dtype))
 
 
