@@ -256,12 +256,17 @@ def _desc(t):
     return TensorDescriptor(t, [B * S, H * D], [t.stride(1), 1], [16, D])
 
 
-def _desc_store(t):
-    """TMA descriptor for stores: [B, S, H, D] seen as [B, S, H*D], so a tile is clipped at its own batch's S."""
+def _check_output_layout(t):
     B, S, H, D = t.shape
     if t.stride(3) != 1 or t.stride(2) != D or (t.stride(1) * t.element_size()) % 16 or t.data_ptr() % 16:
         raise ValueError(f"output buffer must be [B, S, H, D] with heads packed and 16-byte rows, got strides "
                          f"{t.stride()}")
+
+
+def _desc_store(t):
+    """TMA descriptor for stores: [B, S, H, D] seen as [B, S, H*D], so a tile is clipped at its own batch's S."""
+    _check_output_layout(t)
+    B, S, H, D = t.shape
     return TensorDescriptor(t, [B, S, H * D], [t.stride(0), t.stride(1), 1], [1, 16, D])
 
 
@@ -299,7 +304,7 @@ def _launch_fwd(q, k, v, scale, out, lse):
     1024 keys or more, the warp-specialised Gluon kernel (kernels/attention_hopper.py) runs it; otherwise, and under
     the interpreter, the kernel above."""
     if not _INTERPRET and attention_hopper.serves(q, k):
-        _desc_store(out)  # the same layout checks as the Triton path
+        _check_output_layout(out)
         attention_hopper.launch_fwd(q, k, v, scale, out, lse)
     else:
         _launch_fwd_tl(q, k, v, scale, out, lse)

@@ -176,11 +176,18 @@ def _desc(t, block_rows):
     return TensorDescriptor(t, [B * S, H * D], [t.stride(1), 1], [block_rows, D], layout)
 
 
-def launch_fwd(q, k, v, scale, out, lse):
-    """Forward into out [B, Sq, H, D] (heads packed) and lse fp32 [B, H, Sq]; inputs checked by the caller."""
+def launch_args(q, k, v, scale, out, lse):
+    """(grid, positional arguments, keyword arguments) of _attn_fwd_kernel for these tensors."""
     B, Sq, H, D = q.shape
     grid = (triton.cdiv(Sq, 2 * BLOCK_M), B * H)
-    _attn_fwd_kernel[grid](_desc(q, BLOCK_M), _desc(k, BLOCK_N), _desc(v, BLOCK_N), out, lse, out.stride(0),
-                           out.stride(1), scale * 1.4426950408889634, Sq, k.shape[1], H, HEAD_DIM=D, BLOCK_M=BLOCK_M,
-                           BLOCK_N=BLOCK_N, STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS,
-                           num_warps=4)
+    args = (_desc(q, BLOCK_M), _desc(k, BLOCK_N), _desc(v, BLOCK_N), out, lse, out.stride(0), out.stride(1),
+            scale * 1.4426950408889634, Sq, k.shape[1], H)
+    meta = dict(HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS,
+                LOADER_REGS=LOADER_REGS, num_warps=4)
+    return grid, args, meta
+
+
+def launch_fwd(q, k, v, scale, out, lse):
+    """Forward into out [B, Sq, H, D] (heads packed) and lse fp32 [B, H, Sq]; inputs checked by the caller."""
+    grid, args, meta = launch_args(q, k, v, scale, out, lse)
+    _attn_fwd_kernel[grid](*args, **meta)

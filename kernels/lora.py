@@ -111,6 +111,11 @@ _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2, "W
 _lora_matmul_tuned = triton.autotune(_CONFIGS, key=["M", "N", "K", "TRANS_W"])(_lora_matmul_kernel)
 
 
+def _desc(t):
+    """TMA descriptor of a 2-D tensor with contiguous rows; each config sets its tile shape (see the pre-hooks)."""
+    return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [16, 16])
+
+
 @functools.cache
 def _num_sms(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -121,9 +126,8 @@ def _launch_matmul(u, w, low, up, trans_w, out):
     M, K = u.shape
     N = out.shape[1]
     r = low.shape[1]
-    desc = lambda t: TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [16, 16])
-    args = dict(desc_u=desc(u), desc_w=desc(w), desc_l=desc(low), desc_r=desc(up), desc_c=desc(out), M=M, N=N, K=K,
-                TRANS_W=trans_w, BLOCK_R=max(16, triton.next_power_of_2(r)))
+    args = dict(desc_u=_desc(u), desc_w=_desc(w), desc_l=_desc(low), desc_r=_desc(up), desc_c=_desc(out), M=M, N=N,
+                K=K, TRANS_W=trans_w, BLOCK_R=max(16, triton.next_power_of_2(r)))
     if _INTERPRET:
         meta = dict(args, **_INTERPRET_META)
         _set_block_shapes(meta)
@@ -177,9 +181,8 @@ def _launch_dy_pass(dy, b_scaled, s_M_r):
     programs = triton.cdiv(M, block_m)
     ds = torch.empty((M, r), device=dy.device, dtype=dy.dtype)
     db_parts = torch.empty((programs, N, block_r), device=dy.device, dtype=torch.float32)
-    desc = lambda t: TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [16, 16])
-    args = dict(desc_dy=desc(dy), desc_b=desc(b_scaled), desc_s=desc(s_M_r), desc_ds=desc(ds), DB_PARTS=db_parts,
-                M=M, N=N, BLOCK_M=block_m, BLOCK_R=block_r)
+    args = dict(desc_dy=_desc(dy), desc_b=_desc(b_scaled), desc_s=_desc(s_M_r), desc_ds=_desc(ds),
+                DB_PARTS=db_parts, M=M, N=N, BLOCK_M=block_m, BLOCK_R=block_r)
     if _INTERPRET:
         meta = dict(args, BLOCK_N=16)
         _set_dy_pass_shapes(meta)

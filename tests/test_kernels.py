@@ -234,10 +234,8 @@ class Sm90Compiler:  # just enough of a driver to compile (never launch) for an 
 D, dtype = int(sys.argv[1]), getattr(torch, sys.argv[2])
 q = torch.empty(1, 300, 2, D, dtype=dtype)
 driver.set_active(Sm90Compiler())
-compiled = hop._attn_fwd_kernel.warmup(
-    hop._desc(q, hop.BLOCK_M), hop._desc(q, hop.BLOCK_N), hop._desc(q, hop.BLOCK_N), q, torch.empty(1, 2, 300),
-    q.stride(0), q.stride(1), 0.1, 300, 300, 2, HEAD_DIM=D, BLOCK_M=hop.BLOCK_M, BLOCK_N=hop.BLOCK_N,
-    STAGES=hop.STAGES, CONSUMER_REGS=hop.CONSUMER_REGS, LOADER_REGS=hop.LOADER_REGS, num_warps=4, grid=(1,))
+grid, args, meta = hop.launch_args(q, q, q, 0.1, q, torch.empty(1, 2, 300))  # what launch_fwd would launch
+compiled = hop._attn_fwd_kernel.warmup(*args, **meta, grid=grid)
 ptx = compiled.asm["ptx"]
 print("wgmma", "wgmma.mma_async" in ptx, "setmaxnreg", "setmaxnreg" in ptx, "cubin", len(compiled.asm["cubin"]))
 """
