@@ -40,7 +40,7 @@ out_dir = "outputs"
 dit_preset = "cosmos_2b"
 base_checkpoint = ""  # official *_ema_bf16.pt (or model.pt); "" = random init (benchmarks only)
 dtype = "bfloat16"  # compute dtype of the frozen base; LoRA master weights and optimizer state stay fp32
-attention_backend = "sdpa"  # "sdpa" (cuDNN first: fastest on the H100 today) or "triton" (kernels/attention.py)
+attention_backend = "triton"  # "triton" (kernels/attention.py on CUDA, SDPA elsewhere) or "sdpa" (cuDNN first)
 activation_checkpointing = "selective"  # "none" | "full" | "selective" (keeps attention outputs)
 offload_block_inputs = False  # checkpointed block inputs in pinned CPU memory (the 14B at 93x704x1280 on one GPU)
 # data

@@ -1,5 +1,5 @@
-"""Attention speed on the GPU: our flash attention (kernels/: on Hopper the Gluon forward and the `tl` backward; the
-`tl` forward timed beside it) vs SDPA's cuDNN, flash and efficient backends.
+"""Attention speed on the GPU: our flash attention (kernels/: on Hopper the Gluon kernels, for the backward at 1024 keys
+or more; the `tl` kernels timed beside them) vs SDPA's cuDNN, flash and efficient backends.
 
 B=1, H=16, D=128, bf16, the DiT's [B, S, H, D] layout (SDPA gets the [B, H, S, D] views of the same tensors).
 TFLOP/s use the FlashAttention convention: forward 4*Sq*Sk*D*H, backward 2.5x forward. CUDA events, warm-up,
@@ -46,15 +46,19 @@ def sdpa(backend):
     return attend
 
 
-def tl_forward(q, k, v):
-    """Our `tl` forward kernel, which on Hopper the Gluon kernel replaces (forward only, for comparison)."""
+def tl_kernels(q, k, v, do=None):
+    """Our `tl` kernels, which on Hopper the Gluon kernels replace, launched directly: the forward, and with `do` the
+    backward after it."""
     B, Sq, H, D = q.shape
     out, lse = torch.empty_like(q), torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
     attention._launch_fwd_tl(q, k, v, D ** -0.5, out, lse)
+    if do is not None:
+        grads = [torch.empty_like(t) for t in (q, k, v)]
+        attention._launch_bwd_tl(do, q, k, v, out, lse, torch.zeros_like(lse), D ** -0.5, *grads)
     return out
 
 
-METHODS = {"ours": flash_attention, "ours, tl forward": tl_forward, "SDPA cuDNN": sdpa(SDPBackend.CUDNN_ATTENTION),
+METHODS = {"ours": flash_attention, "ours, tl kernels": tl_kernels, "SDPA cuDNN": sdpa(SDPBackend.CUDNN_ATTENTION),
            "SDPA flash": sdpa(SDPBackend.FLASH_ATTENTION), "SDPA efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION)}
 
 
@@ -85,8 +89,9 @@ def main():
             try:
                 with torch.no_grad():
                     fwd = time_ms(lambda: attend(q, k, v))
-                both = float("nan")
-                if attend is not tl_forward:
+                if attend is tl_kernels:
+                    both = time_ms(lambda: tl_kernels(q, k, v, do))
+                else:
                     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
                     both = time_ms(lambda: torch.autograd.grad(attend(qg, kg, vg), (qg, kg, vg), do))
             except Exception as e:  # a backend that does not take this shape

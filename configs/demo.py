@@ -15,7 +15,7 @@ out_dir = "outputs/demo"
 dit_preset = "tiny"  # DiT size: "tiny" (4 blocks of width 128), "cosmos_2b", "cosmos_14b"
 base_checkpoint = "assets/demo/dit.safetensors"  # pretrained weights, loaded strictly, then frozen
 dtype = "float32"  # compute dtype of the frozen base (bfloat16 on GPUs); LoRA weights and AdamW state stay fp32
-attention_backend = "sdpa"  # "triton" runs our fused kernel on CUDA; "sdpa" is PyTorch's attention
+attention_backend = "triton"  # "triton" runs our fused kernel on CUDA (SDPA on the CPU); "sdpa" is PyTorch's
 activation_checkpointing = "none"  # recompute activations in the backward to save memory: "none" | "full" | "selective"
 
 # ---- the data ---------------------------------------------------------------------------------------------------

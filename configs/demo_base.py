@@ -16,7 +16,7 @@ dit_preset = "tiny"
 base_checkpoint = ""
 use_lora = False
 dtype = "float32"  # CPUs have no fast bf16 path for these shapes
-attention_backend = "sdpa"
+attention_backend = "triton"
 activation_checkpointing = "none"  # activations of a 64x64 clip are small; recomputing them only costs time
 
 # 512 shapes-world clips, 17 frames at 64x64 (latents 16 x 5 x 8 x 8), from the cache.

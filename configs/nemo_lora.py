@@ -16,7 +16,7 @@ out_dir = "outputs"
 dit_preset = "cosmos_2b"
 base_checkpoint = "checkpoints/nvidia/Cosmos-Predict2.5-2B/base/pre-trained/d20b7120-df3e-4911-919d-db6e08bad31c_ema_bf16.pt"
 dtype = "bfloat16"
-attention_backend = "sdpa"  # cuDNN first; "triton" selects kernels/attention.py
+attention_backend = "triton"  # kernels/attention.py on CUDA; "sdpa": PyTorch SDPA (cuDNN first)
 activation_checkpointing = "selective"
 offload_block_inputs = False  # True: block inputs in pinned host memory, 41.0 -> 32.6 GiB a GPU at the same speed
                               # (H100), for 14 GiB of host RAM a process

@@ -14,7 +14,9 @@ Kernels:
   dQ        one program per (query block, batch*head); also writes delta = rowsum(dO * O) for the dK/dV kernel.
   dK/dV     one program per (key block, batch*head, split); streams query blocks. When there are too few key blocks
             to fill the GPU (cross-attention onto 512 text tokens), the query range is split and fp32 partials summed.
-No atomics: the backward is deterministic.
+These two backward kernels use no atomics (deterministic) but compute S and dP twice (7 matrix products where one
+pass needs 5). On Hopper, for D=128 and >= 1024 keys, the backward is kernels/attention_hopper.py's one-pass kernel
+instead (faster than cuDNN), whose dQ is summed with fp32 atomic adds: not bit-for-bit repeatable.
 
 Loads go through TMA descriptors that view a [B, S, H, D] tensor as the 2-D matrix [B*S, H*D]: the tile of batch b,
 head h, rows s..s+BLOCK is at (b*S + s, h*D). A tile that runs past S reads rows of the next batch (or zeros past
@@ -330,7 +332,19 @@ def _dkdv_splits(Sq, Sk, B, H, device):
 
 
 def _launch_bwd(do, q, k, v, out, lse, dlse, scale, dq, dk, dv):
-    """Backward into preallocated dq, dk, dv (shapes of q, k, v; heads packed); dlse fp32 [B, H, Sq]."""
+    """Backward into preallocated dq, dk, dv (shapes of q, k, v; heads packed); dlse fp32 [B, H, Sq]. On Hopper, for
+    head dim 128 and 1024 keys or more, the warp-specialised Gluon kernel (kernels/attention_hopper.py) runs it;
+    otherwise, and under the interpreter, the two kernels above."""
+    if not _INTERPRET and attention_hopper.serves_bwd(q, k):
+        for t in (dq, dk, dv):
+            _check_output_layout(t)
+        attention_hopper.launch_bwd(do, q, k, v, out, lse, dlse, scale, dq, dk, dv)
+    else:
+        _launch_bwd_tl(do, q, k, v, out, lse, dlse, scale, dq, dk, dv)
+
+
+def _launch_bwd_tl(do, q, k, v, out, lse, dlse, scale, dq, dk, dv):
+    """The `tl` backward kernels above, on any GPU or under the interpreter (benchmarks compare them on Hopper)."""
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     delta = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)

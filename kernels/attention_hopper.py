@@ -1,13 +1,12 @@
-"""Flash-attention forward for Hopper (sm_90) in Gluon, Triton's lower-level dialect: warp specialisation and
-explicitly pipelined tensor-core products (FlashAttention-3's schedule), which Triton's `tl` compiler does not produce.
+"""Flash attention for Hopper (sm_90) in Gluon, Triton's lower-level dialect: warp specialisation and explicitly
+pipelined tensor-core products (FlashAttention-3's schedules), which Triton's `tl` compiler does not produce.
 
-Same contract as the forward in kernels/attention.py (which runs this on sm_90 and its own `tl` kernel elsewhere):
-q [B, Sq, H, D], k/v [B, Sk, H, D] read in place as the matrices [B*S, H*D], D in {64, 128}, bf16/fp16, Sq >= 1,
-Sk >= 1 (kernels/attention.py sends it Sk >= MIN_KEYS);
-writes out [B, Sq, H, D] and the natural-log log-sum-exp lse fp32 [B, H, Sq]. The reference is
+Same contract as kernels/attention.py (which runs these on sm_90 and its own `tl` kernels elsewhere): q [B, Sq, H, D],
+k/v [B, Sk, H, D] read in place as the matrices [B*S, H*D], bf16/fp16; the forward writes out [B, Sq, H, D] and the
+natural-log log-sum-exp lse fp32 [B, H, Sq], the backward dq, dk, dv. The reference is
 kernels.attention.attention_reference.
 
-One program per 128 query rows of one (batch, head), in three partitions:
+Forward (D in {64, 128}, Sk >= MIN_KEYS): one program per 128 query rows of one (batch, head), in three partitions:
   loader     1 warp: TMA loads of the two Q tiles, then K and V blocks into a ring of STAGES buffers. K and V each
              have a "ready" and an "empty" mbarrier a buffer: a K buffer is refilled once both consumers have
              finished S_j with it, a V buffer once both have finished P_j V_j, so K_{j+2} can load during P_j V_j.
@@ -16,6 +15,15 @@ One program per 128 query rows of one (batch, head), in three partitions:
              P V product runs on the tensor cores. With two consumers, one's softmax also overlaps the other's products.
 Rows past Sq and keys past Sk (read from the next batch, or zero-filled past the tensor's end) are masked: keys out of
 every softmax, rows out of the stores.
+
+Backward (D = 128, Sk >= BWD_MIN_KEYS): one program per 128 keys of one (batch, head), streaming 64-query blocks:
+  loader     1 warp: K and V once, then Q, dO and the rows' lse and delta into a ring of BWD_STAGES buffers.
+  consumers  2 warpgroups, 64 keys each, dK and dV in registers. For query block i: S^T = K Q^T and dP^T = V dO^T
+             issued together, P^T from the saved lse, dV += P^T dO issued, dS^T = P^T (dP^T - delta), dK += dS^T Q
+             issued. dQ = dS K needs all 128 keys: both consumers write their dS^T half to shared memory, meet at an
+             mbarrier, and each computes 64 of dQ's 128 columns, which a TMA reduce-add sums into an fp32 buffer
+             shared by all programs. 5 matrix products a block (the `tl` backward does 7); dQ's sums are atomic, so
+             their order, and dQ's last bits, vary from run to run.
 """
 
 import torch
@@ -208,8 +216,7 @@ def launch_fwd(q, k, v, scale, out, lse):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# backward (FlashAttention-3's): one program per 128 keys of one (batch, head), streaming 64-query blocks. dK and dV
-# stay in registers; dQ is summed across programs by TMA reduce-adds into an fp32 buffer.
+# backward
 
 BWD_BLOCK_M = 64  # queries a block (the wgmma M of the dQ product)
 BWD_BLOCK_N = 128  # keys a program, 64 a consumer warpgroup
@@ -366,25 +373,30 @@ def _attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, dq_
     first_key = pid_n * BLOCK_N
     gl.warp_specialize([
         (_bwd_consumer, (0, k_smem, v_smem, kv_bar, q_smem, do_smem, lse2_smem, delta_smem, q_ready, q_empty,
-                         ds_smem, ds_ready, ds_free, dq_smem.index(0), dq_desc, dk_ptr, dv_ptr, dkv_stride_b, dkv_stride_s, qk_scale,
-                         scale, Sq, Sk, H, bh, first_key, n_blocks, HEAD_DIM, BLOCK_M, STAGES, dtype)),
+                         ds_smem, ds_ready, ds_free, dq_smem.index(0), dq_desc, dk_ptr, dv_ptr, dkv_stride_b,
+                         dkv_stride_s, qk_scale, scale, Sq, Sk, H, bh, first_key, n_blocks, HEAD_DIM, BLOCK_M, STAGES,
+                         dtype)),
         (_bwd_consumer, (1, k_smem, v_smem, kv_bar, q_smem, do_smem, lse2_smem, delta_smem, q_ready, q_empty,
-                         ds_smem, ds_ready, ds_free, dq_smem.index(1), dq_desc, dk_ptr, dv_ptr, dkv_stride_b, dkv_stride_s, qk_scale,
-                         scale, Sq, Sk, H, bh, first_key, n_blocks, HEAD_DIM, BLOCK_M, STAGES, dtype)),
+                         ds_smem, ds_ready, ds_free, dq_smem.index(1), dq_desc, dk_ptr, dv_ptr, dkv_stride_b,
+                         dkv_stride_s, qk_scale, scale, Sq, Sk, H, bh, first_key, n_blocks, HEAD_DIM, BLOCK_M, STAGES,
+                         dtype)),
         (_bwd_loader, (k_desc, v_desc, q_desc, do_desc, lse2_desc, delta_desc, k_smem, v_smem, kv_bar, q_smem,
                        do_smem, lse2_smem, delta_smem, q_ready, q_empty, b * Sk + first_key, b * Sq, bh * Sq_pad, col,
                        n_blocks, BLOCK_M, STAGES)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
+# Below this many keys the `tl` backward, which also splits the queries, fills the GPU better. Measured on an H100,
+# 84,480 queries, 16 heads (TFLOP/s): 1024 keys 404 vs 362 (tl), 2048 485 vs 393, 4096 479 vs 394; 4096 x 4096 362 vs
+# 364. Cross-attention onto 512 text tokens (64 programs a batch element) stays with `tl`.
+BWD_MIN_KEYS = 1024
+
+
 def serves_bwd(q, k):
     """Whether launch_bwd runs the backward of q, k: on Hopper, head dim 128 (a consumer's half of dQ is 64 columns,
-    one 128-byte swizzle row of K), and >= BWD_MIN_KEYS keys (fewer key blocks than SMs leave the GPU idle)."""
+    one 128-byte swizzle row of K), and >= BWD_MIN_KEYS keys."""
     return (q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) == (9, 0)
             and q.shape[-1] == 128 and k.shape[1] >= BWD_MIN_KEYS)
-
-
-BWD_MIN_KEYS = 4096
 
 
 def bwd_launch_args(do, q, k, v, lse2, delta, scale, dq_acc, dk, dv):

@@ -4,6 +4,7 @@ Runs under TRITON_INTERPRET=1 on the CPU (as CI does) or on a CUDA GPU. Shapes a
 program in numpy. Errors are ||ours - ref|| / ||ref|| against fp32 (attention) or fp64 (LoRA) references.
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -206,8 +207,8 @@ def test_lora_rejects_bad_inputs():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Hopper forward (Gluon): it has no interpreter, so the CPU can only build it (bench/check_kernels_gpu.py checks its
-# numbers on an H100). The build runs in a fresh process without TRITON_INTERPRET, which would turn the Triton
+# Hopper kernels (Gluon): they have no interpreter, so the CPU can only build them (bench/check_kernels_gpu.py checks
+# their numbers on an H100). The build runs in a fresh process without TRITON_INTERPRET, which would turn the Triton
 # functions Gluon borrows (max, sum) into interpreter objects.
 
 _BUILD_FOR_SM90 = """
@@ -231,23 +232,51 @@ class Sm90Compiler:  # just enough of a driver to compile (never launch) for an 
         return torch.device("cpu")
 
 
-D, dtype = int(sys.argv[1]), getattr(torch, sys.argv[2])
+which, D, dtype = sys.argv[1], int(sys.argv[2]), getattr(torch, sys.argv[3])
 q = torch.empty(1, 300, 2, D, dtype=dtype)
 driver.set_active(Sm90Compiler())
-grid, args, meta = hop.launch_args(q, q, q, 0.1, q, torch.empty(1, 2, 300))  # what launch_fwd would launch
-compiled = hop._attn_fwd_kernel.warmup(*args, **meta, grid=grid)
+if which == "forward":  # what launch_fwd would launch
+    grid, args, meta = hop.launch_args(q, q, q, 0.1, q, torch.empty(1, 2, 300))
+    compiled = hop._attn_fwd_kernel.warmup(*args, **meta, grid=grid)
+else:  # what launch_bwd would launch
+    rows = torch.empty(2, 320)  # lse2 and delta, padded to whole query blocks
+    grid, args, meta = hop.bwd_launch_args(q, q, q, q, rows, rows, 0.1, q.float(), q, q)
+    compiled = hop._attn_bwd_kernel.warmup(*args, **meta, grid=grid)
 ptx = compiled.asm["ptx"]
-print("wgmma", "wgmma.mma_async" in ptx, "setmaxnreg", "setmaxnreg" in ptx, "cubin", len(compiled.asm["cubin"]))
+print("wgmma", "wgmma.mma_async" in ptx, "setmaxnreg", "setmaxnreg" in ptx, "reduce", "cp.reduce.async.bulk" in ptx,
+      "cubin", len(compiled.asm["cubin"]))
 """
 
 
-@pytest.mark.parametrize("D,dtype", [(128, "bfloat16"), (64, "float16")])
-def test_hopper_forward_builds_for_sm90(D, dtype):
+@pytest.mark.parametrize("which,D,dtype", [("forward", 128, "bfloat16"), ("forward", 64, "float16"),
+                                           ("backward", 128, "bfloat16"), ("backward", 128, "float16")])
+def test_hopper_kernels_build_for_sm90(which, D, dtype):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "-c", _BUILD_FOR_SM90, str(D), dtype], cwd=root, env=env,
+    run = subprocess.run([sys.executable, "-c", _BUILD_FOR_SM90, which, str(D), dtype], cwd=root, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     words = run.stdout.split()
-    # tensor-core products, warp-specialised partitions (register reallocation), and a cubin from ptxas
-    assert words[:4] == ["wgmma", "True", "setmaxnreg", "True"] and int(words[5]) > 0, run.stdout
+    # tensor-core products, warp-specialised partitions (register reallocation), a cubin from ptxas; the backward
+    # sums dQ with TMA reduce-adds, the forward has none
+    assert words[:4] == ["wgmma", "True", "setmaxnreg", "True"] and int(words[7]) > 0, run.stdout
+    assert words[4:6] == ["reduce", str(which == "backward")], run.stdout
+
+
+def test_hopper_backward_rows_kernel():
+    """The backward's per-row inputs: lse in base 2 and delta = rowsum(dO * O) - dlse, padded to whole query blocks
+    with lse2 = inf (P = 0) and delta = 0; O and dO with different row strides."""
+    from kernels import attention_hopper as hop
+    B, Sq, H, D = 2, 37, 3, 64
+    out = randn(B, Sq, H, D)
+    do = randn(B, Sq, H + 2, D)[:, :, :H]  # rows of dO are longer than its H*D values
+    lse, dlse = torch.randn(B, H, Sq, device=DEVICE), torch.randn(B, H, Sq, device=DEVICE)
+    Sq_pad = 64
+    lse2, delta = (torch.full((B * H, Sq_pad), float("nan"), device=DEVICE) for _ in range(2))
+    hop._bwd_rows_kernel[(1, B * H)](out, do, lse, dlse, lse2, delta, out.stride(0), out.stride(1), do.stride(0),
+                                     do.stride(1), Sq, Sq_pad, H, HEAD_DIM=D, BLOCK=64)
+    want_delta = torch.einsum("bshd,bshd->bhs", out.double(), do.double()) - dlse.double()
+    assert rel_err(delta.view(B, H, Sq_pad)[..., :Sq], want_delta) < 1e-6
+    assert rel_err(lse2.view(B, H, Sq_pad)[..., :Sq], lse.double() / math.log(2)) < 1e-6
+    assert torch.all(lse2.view(B, H, Sq_pad)[..., Sq:] == float("inf"))
+    assert torch.all(delta.view(B, H, Sq_pad)[..., Sq:] == 0)
