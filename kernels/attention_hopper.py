@@ -42,11 +42,14 @@ _thread_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # likewise
 
 
 @builtin
-def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
-    """TMA reduce-add of a shared-memory tile into global memory (the instruction behind tma.async_atomic_add, which
-    Gluon names only after triton 3.6)."""
+def _tma_reduce_add_36(tensor_desc, coord, src, _semantic=None):
+    """TMA reduce-add of a shared-memory tile into global memory: the instruction behind tma.async_atomic_add, which
+    Gluon names only after triton 3.6."""
     coord = _semantic._convert_to_ir_values(coord, require_i64=False)
     _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
+
+
+_tma_reduce_add = getattr(tma, "async_atomic_add", None) or _tma_reduce_add_36
 
 
 BLOCK_M = 64  # query rows a consumer warpgroup (the wgmma M is 64 per warpgroup)
