@@ -1,7 +1,7 @@
 """Fused flash attention in Triton (FlashAttention-2 algorithm), forward and backward, and a plain-PyTorch reference.
 
 Layout is the DiT's: q [B, Sq, H, D], k/v [B, Sk, H, D], read in place through strides (no transposes, no copies).
-Non-causal, bf16/fp16, D in {64, 128}, any Sq/Sk: tail blocks are masked, nothing is padded.
+Non-causal, bf16/fp16, D in {64, 128}, any Sq/Sk: tail blocks are masked, no input is padded or copied.
 
 Forward returns the output and the log-sum-exp of each score row (fp32 [B, H, Sq], natural log). Backward needs only
 q, k, v, out, lse, so a selective-checkpoint policy that keeps `out` and `lse` (the outputs of the custom op
@@ -11,7 +11,8 @@ Kernels:
   forward   one program per (query block, batch*head); K/V blocks streamed through TMA; softmax in base 2. On Hopper
             (sm_90) with >= 1024 keys, the forward is kernels/attention_hopper.py instead (Gluon, warp-specialised,
             faster than cuDNN).
-  dQ        one program per (query block, batch*head); also writes delta = rowsum(dO * O) for the dK/dV kernel.
+  dQ        one program per (query block, batch*head); also writes delta = rowsum(dO * O) - dlse for the dK/dV
+            kernel.
   dK/dV     one program per (key block, batch*head, split); streams query blocks. When there are too few key blocks
             to fill the GPU (cross-attention onto 512 text tokens), the query range is split and fp32 partials summed.
 These two backward kernels use no atomics (deterministic) but compute S and dP twice (7 matrix products where one
@@ -21,7 +22,7 @@ instead (faster than cuDNN), whose dQ is summed with fp32 atomic adds: not bit-f
 Loads go through TMA descriptors that view a [B, S, H, D] tensor as the 2-D matrix [B*S, H*D]: the tile of batch b,
 head h, rows s..s+BLOCK is at (b*S + s, h*D). A tile that runs past S reads rows of the next batch (or zeros past
 the end); those rows are masked out of every softmax. Stores go through [B, S, H*D] descriptors, whose tiles are
-clipped at their own batch's S.
+clipped at their own batch's S (the Hopper backward's dQ reduce-adds are not: there, rows past S add exact zeros).
 """
 
 import math
@@ -332,9 +333,9 @@ def _dkdv_splits(Sq, Sk, B, H, device):
 
 
 def _launch_bwd(do, q, k, v, out, lse, dlse, scale, dq, dk, dv):
-    """Backward into preallocated dq, dk, dv (shapes of q, k, v; heads packed); dlse fp32 [B, H, Sq]. On Hopper, for
-    head dim 128 and 1024 keys or more, the warp-specialised Gluon kernel (kernels/attention_hopper.py) runs it;
-    otherwise, and under the interpreter, the two kernels above."""
+    """Backward into preallocated dq, dk, dv (shapes of q, k, v; heads packed); lse and dlse contiguous fp32
+    [B, H, Sq]. On Hopper, for head dim 128 and 1024 keys or more, the warp-specialised Gluon kernel
+    (kernels/attention_hopper.py) runs it; otherwise, and under the interpreter, the two kernels above."""
     if not _INTERPRET and attention_hopper.serves_bwd(q, k):
         for t in (dq, dk, dv):
             _check_output_layout(t)
@@ -417,7 +418,9 @@ def _backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
     if not _packed(dout):  # autograd may hand over an expanded or transposed gradient
         dout = dout.contiguous()
-    dq, dk, dv = _flash_attn_bwd(dout, q, k, v, out, lse, dlse, ctx.scale)
+    # the kernels index dlse as a contiguous [B, H, Sq]; after lse.sum() it comes expanded (stride 0), after
+    # lse.transpose(1, 2) transposed
+    dq, dk, dv = _flash_attn_bwd(dout, q, k, v, out, lse, dlse.contiguous(), ctx.scale)
     return dq, dk, dv, None
 
 

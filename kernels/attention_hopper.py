@@ -17,7 +17,8 @@ Rows past Sq and keys past Sk (read from the next batch, or zero-filled past the
 every softmax, rows out of the stores.
 
 Backward (D = 128, Sk >= BWD_MIN_KEYS): one program per 128 keys of one (batch, head), streaming 64-query blocks:
-  loader     1 warp: K and V once, then Q, dO and the rows' lse and delta into a ring of BWD_STAGES buffers.
+  loader     1 warp: K and V once, then Q, dO and the rows' lse (base 2) and delta into a ring of BWD_STAGES
+             buffers.
   consumers  2 warpgroups, 64 keys each, dK and dV in registers. For query block i: S^T = K Q^T and dP^T = V dO^T
              issued together, P^T from the saved lse, dV += P^T dO issued, dS^T = P^T (dP^T - delta), dK += dS^T Q
              issued. dQ = dS K needs all 128 keys: both consumers write their dS^T half to shared memory, meet at an
@@ -421,7 +422,8 @@ def bwd_launch_args(do, q, k, v, lse2, delta, scale, dq_acc, dk, dv):
 
 
 def launch_bwd(do, q, k, v, out, lse, dlse, scale, dq, dk, dv):
-    """Backward into dq, dk, dv (shapes of q, k, v; heads packed); inputs checked by the caller."""
+    """Backward into dq, dk, dv (shapes of q, k, v; heads packed); lse and dlse contiguous fp32 [B, H, Sq]; inputs
+    checked by the caller."""
     B, Sq, H, D = q.shape
     Sq_pad = triton.cdiv(Sq, BWD_BLOCK_M) * BWD_BLOCK_M
     lse2 = torch.empty((B * H, Sq_pad), device=q.device, dtype=torch.float32)
@@ -432,5 +434,4 @@ def launch_bwd(do, q, k, v, out, lse, dlse, scale, dq, dk, dv):
     dq_acc = torch.zeros((B, Sq, H, D), device=q.device, dtype=torch.float32)  # the reduce-adds' target
     grid, args, meta = bwd_launch_args(do, q, k, v, lse2, delta, scale, dq_acc, dk, dv)
     _attn_bwd_kernel[grid](*args, **meta)
-    torch.mul(dq_acc, scale, out=dq_acc)
-    dq.copy_(dq_acc)
+    torch.mul(dq_acc, scale, out=dq)  # one pass: scaled and cast to dq's dtype

@@ -78,6 +78,23 @@ def test_attention_forward_and_gradients(B, Sq, Sk, H, D, dtype, scale):
         assert rel_err(grad, ref) < TOL[dtype], f"d{name}: {rel_err(grad, ref):.2e}"
 
 
+@pytest.mark.parametrize("use_lse", ["sum", "transposed"])
+def test_attention_gradient_through_lse_with_any_strides(use_lse):
+    """Autograd hands the lse's gradient over with whatever strides the graph gives it: expanded (stride 0) after
+    lse.sum(), transposed after lse.transpose(1, 2). The backward must read it as a [B, H, Sq] tensor, not as memory."""
+    B, Sq, Sk, H, D = 2, 19, 40, 3, 64
+    q, k, v = (randn(B, S, H, D).requires_grad_() for S in (Sq, Sk, Sk))
+    g_out = randn(B, Sq, H, D, dtype=torch.float32)
+    g_lse = randn(B, Sq, H, dtype=torch.float32)
+    out, lse = flash_attention_with_lse(q, k, v)
+    lse_term = lse.sum() if use_lse == "sum" else (lse.transpose(1, 2) * g_lse).sum()
+    grads = torch.autograd.grad((out.float() * g_out).sum() + lse_term, (q, k, v))
+    g_lse_B_H_Sq = torch.ones(B, H, Sq, device=DEVICE) if use_lse == "sum" else g_lse.transpose(1, 2)
+    _, _, ref_grads = reference_grads(q, k, v, D ** -0.5, g_out, g_lse_B_H_Sq)
+    for name, grad, ref in zip("qkv", grads, ref_grads):
+        assert rel_err(grad, ref) < TOL[torch.bfloat16], f"d{name}: {rel_err(grad, ref):.2e}"
+
+
 def test_attention_on_fused_qkv_views():
     # The DiT splits one [B, S, 3, H, D] projection into q, k, v: strided views, read in place.
     qkv = randn(2, 29, 3, 2, 128).requires_grad_()
