@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,output_proj,mlp.layer1,mlp.layer2"
+FUSED_MAX_RANK = 64  # kernels/lora.py's MAX_RANK (not imported here: Triton loads only where the kernel runs)
 
 
 class LoRALinear(nn.Module):
@@ -32,7 +33,7 @@ class LoRALinear(nn.Module):
         self.scale = {}  # adapter name -> alpha / rank * multiplier (the multiplier is 1 unless set)
         self.dropout = {}  # adapter name -> dropout probability
         self.merged = set()  # adapters folded into self.weight
-        self.use_fused_kernel = True  # on CUDA, one adapter: kernels/lora.py (False: plain PyTorch, for comparison)
+        self.use_fused_kernel = True  # on CUDA, one adapter of rank <= 64: kernels/lora.py (False: plain PyTorch)
 
     def add_adapter(self, name, rank, alpha, dropout=0.0, dtype=torch.float32):
         if name in self.lora_A:
@@ -58,7 +59,8 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         active = self.active_adapters()
         if (self.use_fused_kernel and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and len(active) == 1
-                and self.bias is None and self.dropout[active[0]] == 0.0):
+                and self.bias is None and self.dropout[active[0]] == 0.0
+                and self.lora_A[active[0]].weight.shape[0] <= FUSED_MAX_RANK):
             from kernels.lora import lora_linear
 
             name = active[0]

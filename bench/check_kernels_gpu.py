@@ -89,22 +89,28 @@ def check_lora(M, K, N, r):
     a = torch.randn(r, K, device="cuda") / K ** 0.5  # fp32 masters
     b = torch.randn(N, r, device="cuda") / r ** 0.5
     dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
-    # raw launches into poisoned buffers: forward (W transposed) and backward (W as is) orientations
-    low, low_t = torch.randn(M, r, device="cuda", dtype=torch.bfloat16), b.bfloat16()
-    y = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
-    _launch_matmul(x, w, low, low_t, True, y)
-    rows.append((f"{name} fwd GEMM: NaN-poisoned elements left", float(y.isnan().sum()), 0.0, False))
-    record(f"{name} fwd GEMM", y, x.float() @ w.float().t() + low.float() @ low_t.float().t(), 1e-2)
-    dx = torch.full((M, K), float("nan"), device="cuda", dtype=torch.bfloat16)
-    _launch_matmul(dy, w, low, a.bfloat16(), False, dx)
-    rows.append((f"{name} bwd GEMM: NaN-poisoned elements left", float(dx.isnan().sum()), 0.0, False))
-    record(f"{name} bwd GEMM", dx, dy.float() @ w.float() + low.float() @ a.bfloat16().float(), 1e-2)
+    # raw launches into poisoned buffers: forward (W transposed; S from its leaders) and backward (W as is; dS, dB)
+    ab, sb = a.bfloat16(), (s * b).bfloat16()
+    y, low = (torch.full(shape, float("nan"), device="cuda", dtype=torch.bfloat16) for shape in ((M, N), (M, r)))
+    _launch_matmul(x, w, ab, sb, y, low)
+    rows.append((f"{name} fwd GEMM: NaN-poisoned elements left", float(y.isnan().sum() + low.isnan().sum()), 0.0,
+                 False))
+    t = x.float() @ ab.float().t()
+    record(f"{name} fwd GEMM, S", low, t, 1e-2)
+    record(f"{name} fwd GEMM, y", y, x.float() @ w.float().t() + low.float() @ sb.float().t(), 1e-2)
+    dx, dlow = (torch.full(shape, float("nan"), device="cuda", dtype=torch.bfloat16) for shape in ((M, K), (M, r)))
+    dyt_s = torch.zeros(N, max(16, triton.next_power_of_2(r)), device="cuda")
+    _launch_matmul(dy, w, sb, ab, dx, dlow, low, dyt_s)
+    rows.append((f"{name} bwd GEMM: NaN-poisoned elements left", float(dx.isnan().sum() + dlow.isnan().sum()), 0.0,
+                 False))
+    record(f"{name} bwd GEMM, dS", dlow, dy.float() @ sb.float(), 1e-2)
+    record(f"{name} bwd GEMM, dx", dx, dy.float() @ w.float() + dlow.float() @ ab.float(), 1e-2)
+    record(f"{name} bwd GEMM, dY^T S", dyt_s[:, :r], dy.float().t() @ low.float(), 1e-2)
     # the full op with autograd, against fp32
     xg, ag, bg = x.clone().requires_grad_(), a.clone().requires_grad_(), b.clone().requires_grad_()
     y = lora_linear(xg, w, ag, bg, s)
     dx, da, db = torch.autograd.grad(y, (xg, ag, bg), dy)
     ab, bb = a.bfloat16().float(), b.bfloat16().float()
-    t = x.float() @ ab.t()
     dt = s * dy.float() @ bb
     for what, got, want in (("y", y, x.float() @ w.float().t() + s * t @ bb.t()),
                             ("dx", dx, dy.float() @ w.float() + dt @ ab),
@@ -167,6 +173,8 @@ def main():
     for K, N in ((2048, 2048), (2048, 8192), (8192, 2048)):
         check_lora(84480, K, N, 32)
     check_lora(1001, 2048, 2048, 32)  # odd M
+    check_lora(3001, 1016, 264, 64)  # the largest rank served, N in two column blocks (one phase-2 tile a row)
+    check_lora(257, 136, 4104, 8)  # rows and K under one block, rank 8
     print(f"\n{'check':<72} {'rel.err':>10} {'limit':>8}  ok")
     bad = 0
     for what, err, limit, nan in rows:

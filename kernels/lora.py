@@ -3,14 +3,21 @@
 x [..., K], W [N, K], A [r, K], B [N, r]. A and B may be fp32 master weights: they are cast to x's dtype for the
 compute and their gradients come back in their own dtype.
 
-Forward:  S = x A^T (thin GEMM, kept for the backward), then one Triton GEMM that runs the K loop of x W^T and adds
-          S (s B)^T to its accumulator before the store: y is written once, with no temporary the size of y.
-Backward: one Triton pass over dY gives dS = dY (s B) and dB = s dY^T S (as per-row-block partial sums), dA = dS^T x
-          is a thin cuBLAS GEMM, and dX = dY W + dS A runs in the same Triton GEMM as the forward. No dW: W is frozen.
+Forward:  one persistent Triton GEMM gives y = x W^T + S (s B)^T and S = x A^T (kept for the backward): y is written
+          once, with no temporary the size of y, and S costs no pass over x of its own.
+Backward: the same kernel gives dX = dY W + dS A, dS = dY (s B) and dB = s dY^T S; dA = dS^T x is a thin cuBLAS GEMM.
+          No dW: W is frozen.
 
-The GEMM is persistent: one program an SM walks the output tiles, and its tile loop is flattened into the K loop so
-that the next tile's loads are in flight while this tile's epilogue (the low-rank product, the store) runs. The
-low-rank product goes in the epilogue, not before the K loop, because there it does not stall that pipeline.
+How the thin products ride inside the GEMM: the first column tile of each row block (its "leader") also multiplies
+the U tiles it loads anyway (x, or dY) by the thin operand (A^T, or s B): 1/8 more tensor-core work on one tile in
+N / 256, where a separate pass would read the whole activation from HBM again. The leaders run first (phase 1) and
+publish their row block's product with release flags; every other tile (phase 2) acquires it before its epilogue,
+which adds L R (L = S or dS) to the accumulator before the store. The backward's leaders also add dY_k^T S into dB
+at each K step (fp32 atomics: dB's last bits vary from run to run).
+
+The GEMM is persistent: one program an SM walks its tiles, and phase 2's tile loop is flattened into the K loop so
+that the next tile's loads are in flight while this tile's epilogue runs. The flags need every program resident at
+once: one an SM is (under the CPU interpreter, which runs programs one after another, a single program walks all).
 """
 
 import functools
@@ -46,46 +53,98 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return first_m + (tile % per_group) % group_m, (tile % per_group) // group_m
 
 
-@triton.jit(do_not_specialize=["M"])  # one compile serves every token count
-def _lora_matmul_kernel(desc_u, desc_w, desc_l, desc_r, desc_c, M, N, K,
-                        TRANS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-                        NUM_PROGRAMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
-    """C [M, N] = U [M, K] op(W) + L [M, r] op(R), op(t) = t^T if TRANS_W else t.
+@triton.jit
+def _epilogue(acc, low, desc_r, desc_c, off_m, off_n, TRANS_W: tl.constexpr, BLOCK_N: tl.constexpr):
+    """C tile = acc + low op(R), stored as four [BLOCK_M, BLOCK_N / 4] quarters (a quarter of the tile's shared-memory
+    staging, which leaves room for the thin operand's pipeline stages)."""
+    if TRANS_W:
+        up = tl.trans(desc_r.load([off_n, 0]))  # [BLOCK_R, BLOCK_N]
+    else:
+        up = desc_r.load([0, off_n])
+    acc = _dot(low, up, acc)
+    left, right = tl.split(tl.permute(tl.reshape(acc, [acc.shape[0], 2, BLOCK_N // 2]), [0, 2, 1]))
+    q0, q1 = tl.split(tl.permute(tl.reshape(left, [acc.shape[0], 2, BLOCK_N // 4]), [0, 2, 1]))
+    q2, q3 = tl.split(tl.permute(tl.reshape(right, [acc.shape[0], 2, BLOCK_N // 4]), [0, 2, 1]))
+    desc_c.store([off_m, off_n], q0.to(desc_c.dtype))
+    desc_c.store([off_m, off_n + BLOCK_N // 4], q1.to(desc_c.dtype))
+    desc_c.store([off_m, off_n + BLOCK_N // 2], q2.to(desc_c.dtype))
+    desc_c.store([off_m, off_n + 3 * BLOCK_N // 4], q3.to(desc_c.dtype))
 
-    forward:  U = x,  W = W [N, K],  L = S,  R = s B [N, r],  TRANS_W
-    backward: U = dY, W = W [N, K] read as [K_red, N_out],  L = dS,  R = A [r, K]
+
+@triton.jit(do_not_specialize=["M"])  # one compile serves every token count
+def _lora_matmul_kernel(desc_u, desc_w, desc_t, desc_r, desc_c, S_PTR, L_PTR, FLAGS, DB_ACC, M, N, K, r,
+                        TRANS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                        THREADS: tl.constexpr):
+    """C [M, N] = U [M, K] op(W) + L op(R) with L [M, r] = U T computed here, op(t) = t^T if TRANS_W else t.
+
+    forward  (TRANS_W): U = x, W [N, K], T = A^T (A [r, K]), R = s B [N, r]; L = S into L_PTR
+    backward:           U = dY, W [N, K] read as [K_red, N_out], T = s B [K_red, r], R = A [r, N_out]; L = dS into
+                        L_PTR, and DB_ACC [K_red, BLOCK_R] (fp32 zeros) += dY^T S, S read from S_PTR [M, r]
+    FLAGS [cdiv(M, BLOCK_M)] int32 zeros: a row block's flag reaches THREADS once its leader has published L.
     Tails (M, N, K, r not multiples of the blocks) are zero-filled by TMA on load and clipped on store.
     """
+    pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    each_thread = tl.zeros([THREADS], tl.int32)  # one flag update from each thread: each publishes its own stores
+
+    # phase 1: the leaders, tiles 0 .. num_pid_m - 1 of the round-robin sequence (row block m, column block 0).
+    # The backward's is not flattened: flattening would move the next tile's S rows ahead of this tile's last K step.
+    m_out = pid - NUM_PROGRAMS
+    for m in tl.range(pid, num_pid_m, NUM_PROGRAMS, flatten=TRANS_W):
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_l = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+        if not TRANS_W:  # S's rows, for dB
+            rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
+            s_rows = tl.load(S_PTR + rows.to(tl.int64)[:, None] * r + offs_r[None, :],
+                             mask=(rows < M)[:, None] & (offs_r < r)[None, :], other=0.0)
+        for k in range(0, K, BLOCK_K):
+            u = desc_u.load([m * BLOCK_M, k])
+            if TRANS_W:
+                acc = _dot(u, tl.trans(desc_w.load([0, k])), acc)
+                acc_l = _dot(u, tl.trans(desc_t.load([0, k])), acc_l)  # S += x_k A_k^T
+            else:
+                acc = _dot(u, desc_w.load([k, 0]), acc)
+                acc_l = _dot(u, desc_t.load([k, 0]), acc_l)  # dS += dY_k (s B)_k
+                db = _dot(tl.trans(u), s_rows, tl.zeros([BLOCK_K, BLOCK_R], tl.float32))  # dY_k^T S
+                offs_k = k + tl.arange(0, BLOCK_K)
+                tl.atomic_add(DB_ACC + offs_k[:, None] * BLOCK_R + offs_r[None, :], db, mask=offs_k[:, None] < K,
+                              sem="relaxed")
+        m_out = m_out + NUM_PROGRAMS if TRANS_W else m  # flattened, the epilogue keeps its own counter
+        rows = m_out * BLOCK_M + tl.arange(0, BLOCK_M)
+        low = acc_l.to(desc_c.dtype)
+        tl.store(L_PTR + rows.to(tl.int64)[:, None] * r + offs_r[None, :], low,
+                 mask=(rows < M)[:, None] & (offs_r < r)[None, :])
+        tl.atomic_add(FLAGS + m_out + each_thread, each_thread + 1, sem="release", scope="gpu")
+        _epilogue(acc, low, desc_r, desc_c, m_out * BLOCK_M, 0, TRANS_W, BLOCK_N)
+
+    # phase 2: the other tiles, the sequence's tiles num_pid_m .. (columns 1.., in the grouped order)
+    first = pid + tl.cdiv(tl.maximum(num_pid_m - pid, 0), NUM_PROGRAMS) * NUM_PROGRAMS
+    num_rest_n = tl.maximum(num_pid_n - 1, 1)
     # The epilogue recomputes its tile's coordinates from its own counter: flattening moves the next tile's
     # loads ahead of this tile's epilogue, so the two must not share one.
-    tile_out = tl.program_id(0) - NUM_PROGRAMS
-    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True,
-                         warp_specialize=WARP_SPECIALIZE):
-        pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+    t_out = first - NUM_PROGRAMS
+    for t in tl.range(first, num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
+        pid_m, pid_n = _tile_coords(t - num_pid_m, num_pid_m, num_rest_n, GROUP_M)
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k in range(0, K, BLOCK_K):
             u = desc_u.load([pid_m * BLOCK_M, k])
             if TRANS_W:
-                w = tl.trans(desc_w.load([pid_n * BLOCK_N, k]))  # [BLOCK_K, BLOCK_N]
+                w = tl.trans(desc_w.load([(pid_n + 1) * BLOCK_N, k]))  # [BLOCK_K, BLOCK_N]
             else:
-                w = desc_w.load([k, pid_n * BLOCK_N])
+                w = desc_w.load([k, (pid_n + 1) * BLOCK_N])
             acc = _dot(u, w, acc)
-        tile_out += NUM_PROGRAMS
-        pid_m, pid_n = _tile_coords(tile_out, num_pid_m, num_pid_n, GROUP_M)
-        off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
-        low = desc_l.load([off_m, 0])  # [BLOCK_M, BLOCK_R]
-        if TRANS_W:
-            up = tl.trans(desc_r.load([off_n, 0]))  # [BLOCK_R, BLOCK_N]
-        else:
-            up = desc_r.load([0, off_n])
-        acc = _dot(low, up, acc)
-        # stored as two [BLOCK_M, BLOCK_N / 2] halves: half the shared-memory staging, which buys a pipeline stage
-        left, right = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N // 2]), [0, 2, 1]))
-        desc_c.store([off_m, off_n], left.to(low.dtype))
-        desc_c.store([off_m, off_n + BLOCK_N // 2], right.to(low.dtype))
+        t_out += NUM_PROGRAMS
+        pid_m, pid_n = _tile_coords(t_out - num_pid_m, num_pid_m, num_rest_n, GROUP_M)
+        seen = tl.min(tl.atomic_add(FLAGS + pid_m + each_thread, each_thread, sem="acquire", scope="gpu"), 0)
+        while seen < THREADS:  # the row block's leader has not published L yet (it ran a round or more ago)
+            seen = tl.min(tl.atomic_add(FLAGS + pid_m + each_thread, each_thread, sem="acquire", scope="gpu"), 0)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        low = tl.load(L_PTR + rows.to(tl.int64)[:, None] * r + offs_r[None, :],
+                      mask=(rows < M)[:, None] & (offs_r < r)[None, :], other=0.0)
+        _epilogue(acc, low, desc_r, desc_c, pid_m * BLOCK_M, (pid_n + 1) * BLOCK_N, TRANS_W, BLOCK_N)
 
 
 def _set_block_shapes(nargs):
@@ -94,21 +153,22 @@ def _set_block_shapes(nargs):
     trans = nargs["TRANS_W"]
     nargs["desc_u"].block_shape = [bm, bk]
     nargs["desc_w"].block_shape = [bn, bk] if trans else [bk, bn]
-    nargs["desc_l"].block_shape = [bm, br]
+    nargs["desc_t"].block_shape = [br, bk] if trans else [bk, br]
     nargs["desc_r"].block_shape = [bn, br] if trans else [br, bn]
-    nargs["desc_c"].block_shape = [bm, bn // 2]
+    nargs["desc_c"].block_shape = [bm, bn // 4]
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warp-specialized, num_stages, num_warps). Measured on an H100 (LoRA shapes,
-# M = 84,480): 128x256 tiles, 3 stages, 8 warps came within 8% of cuBLAS; which grouping and whether Triton's
-# warp specialisation wins depends on the shape. 128x128 with 4 warps is there for short M.
-_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g, "WARP_SPECIALIZE": ws},
-                          num_stages=s, num_warps=w, pre_hook=_set_block_shapes)
-            for bm, bn, bk, g, ws, s, w in [(128, 256, 64, 8, False, 3, 8), (128, 256, 64, 1, False, 3, 8),
-                                            (128, 256, 64, 8, True, 3, 8), (128, 128, 64, 8, False, 5, 4)]]
-_INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2, "WARP_SPECIALIZE": False,
-                   "NUM_PROGRAMS": 3}  # fewer programs than tiles: each walks several
-_lora_matmul_tuned = triton.autotune(_CONFIGS, key=["M", "N", "K", "TRANS_W"])(_lora_matmul_kernel)
+# Measured on an H100 at the LoRA shapes (M = 84,480): 128x256x64 tiles, 3 stages, 8 warps; whether phase 2 walks
+# the tiles grouped by 8 row blocks or row by row wins depends on the shape. Ranks up to MAX_RANK fit (r = 64: 216 KB
+# of shared memory, 255 registers in the backward).
+MAX_RANK = 64
+_CONFIGS = [triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": g, "THREADS": 256},
+                          num_stages=3, num_warps=8, pre_hook=_set_block_shapes) for g in (8, 1)]
+_INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2, "THREADS": 32, "NUM_PROGRAMS": 1}
+# The autotuner runs the kernel once for each config: the flags and dB's sums start from zero each time.
+_lora_fwd_tuned = triton.autotune(_CONFIGS, key=["M", "N", "K"], reset_to_zero=["FLAGS"])(_lora_matmul_kernel)
+_lora_bwd_tuned = triton.autotune(_CONFIGS, key=["M", "N", "K"], reset_to_zero=["FLAGS", "DB_ACC"])(
+    _lora_matmul_kernel)
 
 
 def _desc(t):
@@ -121,83 +181,33 @@ def _num_sms(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _launch_matmul(u, w, low, up, trans_w, out):
-    """out [M, N] = u [M, K] op(w) + low [M, r] op(up); all 2-D, rows contiguous, same dtype."""
+def _launch_matmul(u, w, thin, up, out, low_out, s_in=None, db_acc=None):
+    """Forward (s_in None): out [M, N] = u op(w) + L up^T and low_out = L = u thin^T, w [N, K], thin [r, K], up [N, r].
+    Backward: out [M, N] = u w + L up and low_out = L = u thin, w [K, N], thin [K, r], up [r, N]; and db_acc fp32
+    [K, >= r] (zeros) += u^T s_in. All 2-D, rows contiguous, one dtype (db_acc fp32)."""
     M, K = u.shape
-    N = out.shape[1]
-    r = low.shape[1]
-    args = dict(desc_u=_desc(u), desc_w=_desc(w), desc_l=_desc(low), desc_r=_desc(up), desc_c=_desc(out), M=M, N=N,
-                K=K, TRANS_W=trans_w, BLOCK_R=max(16, triton.next_power_of_2(r)))
+    N, r = out.shape[1], low_out.shape[1]
+    bwd = s_in is not None
+    flags = torch.zeros(triton.cdiv(M, 16 if _INTERPRET else 128), device=u.device, dtype=torch.int32)
+    args = dict(desc_u=_desc(u), desc_w=_desc(w), desc_t=_desc(thin), desc_r=_desc(up), desc_c=_desc(out),
+                S_PTR=s_in if bwd else low_out, L_PTR=low_out, FLAGS=flags, DB_ACC=db_acc if bwd else flags,
+                M=M, N=N, K=K, r=r, TRANS_W=not bwd, BLOCK_R=max(16, triton.next_power_of_2(r)))
     if _INTERPRET:
         meta = dict(args, **_INTERPRET_META)
         _set_block_shapes(meta)
-        _lora_matmul_kernel[(meta["NUM_PROGRAMS"],)](**meta)
+        _lora_matmul_kernel[(1,)](**meta)
     else:
         sms = _num_sms(u.device)
-        grid = lambda m: (min(sms, triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])),)
-        _lora_matmul_tuned[grid](**args, NUM_PROGRAMS=sms)
-
-
-@triton.jit(do_not_specialize=["M"])
-def _lora_dy_pass_kernel(desc_dy, desc_b, desc_s, desc_ds, DB_PARTS, M, N,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """One read of dY [M, N] for both low-rank gradients: dS [M, r] = dY (s B), and this program's share of
-    dY^T S, summed over its BLOCK_M rows: DB_PARTS[program] [N, BLOCK_R] (fp32, summed over programs afterwards)."""
-    pid = tl.program_id(0)
-    off_m = pid * BLOCK_M
-    s = desc_s.load([off_m, 0])  # [BLOCK_M, BLOCK_R]; rows past M and columns past r are zero-filled
-    ds = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
-    offs_r = tl.arange(0, BLOCK_R)
-    for n in range(0, N, BLOCK_N):
-        dy = desc_dy.load([off_m, n])  # [BLOCK_M, BLOCK_N]
-        ds = _dot(dy, desc_b.load([n, 0]), ds)
-        db = _dot(tl.trans(dy), s, tl.zeros([BLOCK_N, BLOCK_R], tl.float32))
-        offs_n = n + tl.arange(0, BLOCK_N)
-        tl.store(DB_PARTS + (pid.to(tl.int64) * N + offs_n)[:, None] * BLOCK_R + offs_r[None, :], db,
-                 mask=offs_n[:, None] < N)
-    desc_ds.store([off_m, 0], ds.to(s.dtype))
-
-
-def _set_dy_pass_shapes(nargs):
-    bm, bn, br = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_R"]
-    for name, shape in (("desc_dy", [bm, bn]), ("desc_b", [bn, br]), ("desc_s", [bm, br]), ("desc_ds", [bm, br])):
-        nargs[name].block_shape = shape
-
-
-# BLOCK_M is fixed (it sets the number of dB partial sums, allocated before the launch): 256 rows make the partials a
-# quarter of dY's bytes (fp32, r = 32) and 330 programs at 84,480 tokens, enough to keep HBM busy.
-_DY_PASS_BLOCK_M = 256
-_DY_PASS_CONFIGS = [triton.Config({"BLOCK_N": bn}, num_stages=s, num_warps=w, pre_hook=_set_dy_pass_shapes)
-                    for bn, s, w in [(64, 3, 8), (128, 2, 8), (64, 4, 8)]]
-_lora_dy_pass_tuned = triton.autotune(_DY_PASS_CONFIGS, key=["M", "N"])(_lora_dy_pass_kernel)
-
-
-def _launch_dy_pass(dy, b_scaled, s_M_r):
-    """(dS = dY (s B) [M, r] in dY's dtype, dY^T S [N, r] in fp32) from one read of dY."""
-    M, N = dy.shape
-    r = s_M_r.shape[1]
-    block_m = 16 if _INTERPRET else _DY_PASS_BLOCK_M
-    block_r = max(16, triton.next_power_of_2(r))
-    programs = triton.cdiv(M, block_m)
-    ds = torch.empty((M, r), device=dy.device, dtype=dy.dtype)
-    db_parts = torch.empty((programs, N, block_r), device=dy.device, dtype=torch.float32)
-    args = dict(desc_dy=_desc(dy), desc_b=_desc(b_scaled), desc_s=_desc(s_M_r), desc_ds=_desc(ds),
-                DB_PARTS=db_parts, M=M, N=N, BLOCK_M=block_m, BLOCK_R=block_r)
-    if _INTERPRET:
-        meta = dict(args, BLOCK_N=16)
-        _set_dy_pass_shapes(meta)
-        _lora_dy_pass_kernel[(programs,)](**meta)
-    else:
-        _lora_dy_pass_tuned[(programs,)](**args)
-    return ds, db_parts.sum(0)[:, :r]
+        tuned = _lora_bwd_tuned if bwd else _lora_fwd_tuned
+        tuned[(sms,)](**args, NUM_PROGRAMS=sms)
 
 
 @torch.library.custom_op("cosmos_kernels::lora_linear_fwd", mutates_args=())
 def _lora_fwd(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    s_M_r = x @ lora_A.to(x.dtype).t()
     y_M_N = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)
-    _launch_matmul(x, weight, s_M_r, (lora_B * scale).to(x.dtype), True, y_M_N)
+    s_M_r = torch.empty((x.shape[0], lora_A.shape[0]), device=x.device, dtype=x.dtype)
+    _launch_matmul(x, weight, lora_A.to(x.dtype), (lora_B * scale).to(x.dtype), y_M_N, s_M_r)
     return y_M_N, s_M_r
 
 
@@ -209,11 +219,13 @@ def _(x, weight, lora_A, lora_B, scale):
 @torch.library.custom_op("cosmos_kernels::lora_linear_bwd", mutates_args=())
 def _lora_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
               s_M_r: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    ds_M_r, dyt_s_N_r = _launch_dy_pass(dy, (lora_B * scale).to(dy.dtype), s_M_r)
-    db_N_r = (dyt_s_N_r * scale).to(lora_B.dtype)
-    da_r_K = (ds_M_r.t() @ x).to(lora_A.dtype)
+    N, r = lora_B.shape
     dx_M_K = torch.empty_like(x)
-    _launch_matmul(dy, weight, ds_M_r, lora_A.to(dy.dtype), False, dx_M_K)
+    ds_M_r = torch.empty_like(s_M_r)
+    dyt_s_N_r = torch.zeros((N, max(16, triton.next_power_of_2(r))), device=dy.device, dtype=torch.float32)
+    _launch_matmul(dy, weight, (lora_B * scale).to(dy.dtype), lora_A.to(dy.dtype), dx_M_K, ds_M_r, s_M_r, dyt_s_N_r)
+    db_N_r = (dyt_s_N_r[:, :r] * scale).to(lora_B.dtype)
+    da_r_K = (ds_M_r.t() @ x).to(lora_A.dtype)
     return dx_M_K, da_r_K, db_N_r
 
 
@@ -251,6 +263,8 @@ def lora_linear(x, weight, lora_A, lora_B, scale):
         raise ValueError(f"x and W must both be bf16 or both fp16, got {x.dtype} and {weight.dtype}")
     if weight.requires_grad:
         raise ValueError("lora_linear keeps W frozen and never computes dW, but W requires grad")
+    if r > MAX_RANK:
+        raise ValueError(f"the fused kernel serves ranks up to {MAX_RANK}, got r={r}; use lora_linear_reference")
     if K % 8 or N % 8 or r % 8:
         raise ValueError(f"TMA needs 16-byte rows: K={K}, N={N} and r={r} must be multiples of 8")
     x_M_K = x.reshape(-1, K)

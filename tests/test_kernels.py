@@ -17,7 +17,8 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 import kernels.attention as attention
 from kernels.attention import attention_reference, flash_attention, flash_attention_with_lse
-from kernels.lora import _launch_dy_pass, _launch_matmul, lora_linear, lora_linear_reference
+import lora
+from kernels.lora import MAX_RANK, _launch_matmul, lora_linear, lora_linear_reference
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
@@ -190,27 +191,29 @@ def test_lora_forward_and_gradients(lead, K, N, r, dtype, ab_dtype):
     assert rel_err(lora_linear_reference(x, w, a, b, scale), y64) < TOL[dtype]
 
 
-@pytest.mark.parametrize("trans_w", [True, False])
-def test_lora_matmul_writes_every_element(trans_w):
-    M, K, N, r = 45, 40, 72, 8  # nothing a multiple of the interpreter's 16x32 tiles; 9 tiles for 3 programs
-    u, low = randn(M, K), randn(M, r)
-    w = randn(N, K) if trans_w else randn(K, N)
-    up = randn(N, r) if trans_w else randn(r, N)
+@pytest.mark.parametrize("bwd", [False, True])
+def test_lora_matmul_writes_every_element(bwd):
+    """The raw kernel into NaN-poisoned outputs: C, the thin product L its leaders publish, and (backward) dB's sums.
+    Nothing a multiple of the interpreter's 16x32x16 tiles: 3 row blocks (the last partial), 3 column blocks."""
+    M, K, N, r = 45, 40, 72, 24
+    u, thin, up = randn(M, K), randn(r, K) if not bwd else randn(K, r), randn(N, r) if not bwd else randn(r, N)
+    w = randn(N, K) if not bwd else randn(K, N)
     out = torch.full((M, N), float("nan"), device=DEVICE, dtype=torch.bfloat16)
-    _launch_matmul(u, w, low, up, trans_w, out)
-    op = (lambda t: t.t()) if trans_w else (lambda t: t)
+    low = torch.full((M, r), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+    op = (lambda t: t.t()) if not bwd else (lambda t: t)
+    if bwd:
+        s = randn(M, r)
+        db = torch.zeros(K, 32, device=DEVICE)
+        _launch_matmul(u, w, thin, up, out, low, s, db)
+        assert rel_err(db[:, :r], u.double().t() @ s.double()) < TOL[torch.bfloat16]
+        assert not db[:, r:].any()  # the padding columns stay zero
+    else:
+        _launch_matmul(u, w, thin, up, out, low)
+    low_expected = u.double() @ op(thin).double()
     expected = u.double() @ op(w).double() + low.double() @ op(up).double()
-    assert not out.isnan().any()
+    assert not out.isnan().any() and not low.isnan().any()
+    assert rel_err(low, low_expected) < TOL[torch.bfloat16]
     assert rel_err(out, expected) < TOL[torch.bfloat16]
-
-
-def test_lora_dy_pass():
-    M, N, r = 53, 72, 24  # 4 row blocks of 16 (the last partial), N and r not multiples of 16
-    dy, b, s = randn(M, N), randn(N, r), randn(M, r)
-    ds, dyt_s = _launch_dy_pass(dy, b, s)
-    assert ds.shape == (M, r) and ds.dtype == dy.dtype and dyt_s.shape == (N, r) and dyt_s.dtype == torch.float32
-    assert rel_err(ds, dy.double() @ b.double()) < TOL[torch.bfloat16]
-    assert rel_err(dyt_s, dy.double().t() @ s.double()) < TOL[torch.bfloat16]
 
 
 def test_lora_rejects_bad_inputs():
@@ -221,6 +224,9 @@ def test_lora_rejects_bad_inputs():
         lora_linear(randn(4, 20), randn(16, 20), randn(8, 20), b, 1.0)
     with pytest.raises(ValueError, match="expected x"):
         lora_linear(x, w.detach(), randn(8, 24), b, 1.0)
+    with pytest.raises(ValueError, match="ranks up to 64"):
+        lora_linear(x, w.detach(), randn(72, 32), randn(16, 72), 1.0)
+    assert lora.FUSED_MAX_RANK == MAX_RANK  # LoRALinear sends larger ranks to plain PyTorch
 
 
 # ----------------------------------------------------------------------------------------------------------------
