@@ -13,7 +13,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels.attention as attention  # noqa: E402
 from kernels import attention_hopper  # noqa: E402
-from kernels.lora import _launch_matmul, lora_linear  # noqa: E402
+from kernels.lora import _launch_matmul, block_r, lora_linear  # noqa: E402
 
 torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references in full fp32
 rows = []  # (what, error, limit)
@@ -99,7 +99,7 @@ def check_lora(M, K, N, r):
     record(f"{name} fwd GEMM, S", low, t, 1e-2)
     record(f"{name} fwd GEMM, y", y, x.float() @ w.float().t() + low.float() @ sb.float().t(), 1e-2)
     dx, dlow = (torch.full(shape, float("nan"), device="cuda", dtype=torch.bfloat16) for shape in ((M, K), (M, r)))
-    dyt_s = torch.zeros(N, max(16, triton.next_power_of_2(r)), device="cuda")
+    dyt_s = torch.zeros(N, block_r(r), device="cuda")
     _launch_matmul(dy, w, sb, ab, dx, dlow, low, dyt_s)
     rows.append((f"{name} bwd GEMM: NaN-poisoned elements left", float(dx.isnan().sum() + dlow.isnan().sum()), 0.0,
                  False))

@@ -181,6 +181,12 @@ def _num_sms(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def block_r(r):
+    """The rank's padded width in the kernel (and the width of the dB sums it adds into): at least 32, since ptxas
+    serializes the thin products' wgmma at 16."""
+    return max(32, triton.next_power_of_2(r))
+
+
 def _launch_matmul(u, w, thin, up, out, low_out, s_in=None, db_acc=None):
     """Forward (s_in None): out [M, N] = u op(w) + L up^T and low_out = L = u thin^T, w [N, K], thin [r, K], up [N, r].
     Backward: out [M, N] = u w + L up and low_out = L = u thin, w [K, N], thin [K, r], up [r, N]; and db_acc fp32
@@ -191,7 +197,7 @@ def _launch_matmul(u, w, thin, up, out, low_out, s_in=None, db_acc=None):
     flags = torch.zeros(triton.cdiv(M, 16 if _INTERPRET else 128), device=u.device, dtype=torch.int32)
     args = dict(desc_u=_desc(u), desc_w=_desc(w), desc_t=_desc(thin), desc_r=_desc(up), desc_c=_desc(out),
                 S_PTR=s_in if bwd else low_out, L_PTR=low_out, FLAGS=flags, DB_ACC=db_acc if bwd else flags,
-                M=M, N=N, K=K, r=r, TRANS_W=not bwd, BLOCK_R=max(16, triton.next_power_of_2(r)))
+                M=M, N=N, K=K, r=r, TRANS_W=not bwd, BLOCK_R=block_r(r))
     if _INTERPRET:
         meta = dict(args, **_INTERPRET_META)
         _set_block_shapes(meta)
@@ -222,7 +228,7 @@ def _lora_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: t
     N, r = lora_B.shape
     dx_M_K = torch.empty_like(x)
     ds_M_r = torch.empty_like(s_M_r)
-    dyt_s_N_r = torch.zeros((N, max(16, triton.next_power_of_2(r))), device=dy.device, dtype=torch.float32)
+    dyt_s_N_r = torch.zeros((N, block_r(r)), device=dy.device, dtype=torch.float32)
     _launch_matmul(dy, weight, (lora_B * scale).to(dy.dtype), lora_A.to(dy.dtype), dx_M_K, ds_M_r, s_M_r, dyt_s_N_r)
     db_N_r = (dyt_s_N_r[:, :r] * scale).to(lora_B.dtype)
     da_r_K = (ds_M_r.t() @ x).to(lora_A.dtype)
