@@ -33,7 +33,7 @@ class LoRALinear(nn.Module):
         self.scale = {}  # adapter name -> alpha / rank * multiplier (the multiplier is 1 unless set)
         self.dropout = {}  # adapter name -> dropout probability
         self.merged = set()  # adapters folded into self.weight
-        self.use_fused_kernel = True  # on CUDA, one adapter of rank <= 64: kernels/lora.py (False: plain PyTorch)
+        self.use_fused_kernel = True  # one adapter, see _fused_kernel_serves (False: plain PyTorch, for comparison)
 
     def add_adapter(self, name, rank, alpha, dropout=0.0, dtype=torch.float32):
         if name in self.lora_A:
@@ -58,9 +58,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         active = self.active_adapters()
-        if (self.use_fused_kernel and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and len(active) == 1
-                and self.bias is None and self.dropout[active[0]] == 0.0
-                and self.lora_A[active[0]].weight.shape[0] <= FUSED_MAX_RANK):
+        if len(active) == 1 and self._fused_kernel_serves(x, active[0]):
             from kernels.lora import lora_linear
 
             name = active[0]
@@ -71,6 +69,15 @@ class LoRALinear(nn.Module):
             h = F.dropout(x, self.dropout[name], self.training)
             y = y + self.scale[name] * F.linear(F.linear(h, A.to(x.dtype)), B.to(x.dtype))
         return y
+
+    def _fused_kernel_serves(self, x, name):
+        """Whether kernels/lora.py runs this call: CUDA, bf16/fp16 x and W, no bias or dropout, rank <= 64, and every
+        width a multiple of 8 (its TMA rows are 16-byte aligned). Anything else runs in plain PyTorch."""
+        rank = self.lora_A[name].weight.shape[0]
+        return (self.use_fused_kernel and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+                and self.weight.dtype == x.dtype and self.bias is None and self.dropout[name] == 0.0
+                and rank <= FUSED_MAX_RANK and rank % 8 == 0 and self.in_features % 8 == 0
+                and self.out_features % 8 == 0)
 
     @torch.no_grad()
     def delta_weight(self, name):

@@ -9,15 +9,17 @@ Backward: the same kernel gives dX = dY W + dS A, dS = dY (s B) and dB = s dY^T 
           No dW: W is frozen.
 
 How the thin products ride inside the GEMM: the first column tile of each row block (its "leader") also multiplies
-the U tiles it loads anyway (x, or dY) by the thin operand (A^T, or s B): 1/8 more tensor-core work on one tile in
-N / 256, where a separate pass would read the whole activation from HBM again. The leaders run first (phase 1) and
+the U tiles it loads anyway (x, or dY) by the thin operand (A^T, or s B): r / 256 more tensor-core work on one tile
+in N / 256 (twice that in the backward, which also forms dY_k^T S), where a separate pass would read the whole
+activation from HBM again. The leaders run first (phase 1) and
 publish their row block's product with release flags; every other tile (phase 2) acquires it before its epilogue,
 which adds L R (L = S or dS) to the accumulator before the store. The backward's leaders also add dY_k^T S into dB
 at each K step (fp32 atomics: dB's last bits vary from run to run).
 
 The GEMM is persistent: one program an SM walks its tiles, and phase 2's tile loop is flattened into the K loop so
 that the next tile's loads are in flight while this tile's epilogue runs. The flags need every program resident at
-once: one an SM is (under the CPU interpreter, which runs programs one after another, a single program walks all).
+once, so the kernel is a cooperative launch: CUDA starts all of its programs together or refuses the launch (under
+the CPU interpreter, which runs programs one after another, a single program walks every tile).
 """
 
 import functools
@@ -82,7 +84,8 @@ def _lora_matmul_kernel(desc_u, desc_w, desc_t, desc_r, desc_c, S_PTR, L_PTR, FL
     backward:           U = dY, W [N, K] read as [K_red, N_out], T = s B [K_red, r], R = A [r, N_out]; L = dS into
                         L_PTR, and DB_ACC [K_red, BLOCK_R] (fp32 zeros) += dY^T S, S read from S_PTR [M, r]
     FLAGS [cdiv(M, BLOCK_M)] int32 zeros: a row block's flag reaches THREADS once its leader has published L.
-    Tails (M, N, K, r not multiples of the blocks) are zero-filled by TMA on load and clipped on store.
+    Tails (M, N, K, r not multiples of the blocks) are zero-filled by TMA on load and clipped on store; L and S go
+    through masked loads and stores ([M, r] with rows of exactly r).
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -91,7 +94,7 @@ def _lora_matmul_kernel(desc_u, desc_w, desc_t, desc_r, desc_c, S_PTR, L_PTR, FL
     each_thread = tl.zeros([THREADS], tl.int32)  # one flag update from each thread: each publishes its own stores
 
     # phase 1: the leaders, tiles 0 .. num_pid_m - 1 of the round-robin sequence (row block m, column block 0).
-    # The backward's is not flattened: flattening would move the next tile's S rows ahead of this tile's last K step.
+    # The backward's is not flattened: flattened, its dB sums came out wrong at 660 row blocks (Triton 3.6).
     m_out = pid - NUM_PROGRAMS
     for m in tl.range(pid, num_pid_m, NUM_PROGRAMS, flatten=TRANS_W):
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -139,7 +142,7 @@ def _lora_matmul_kernel(desc_u, desc_w, desc_t, desc_r, desc_c, S_PTR, L_PTR, FL
         t_out += NUM_PROGRAMS
         pid_m, pid_n = _tile_coords(t_out - num_pid_m, num_pid_m, num_rest_n, GROUP_M)
         seen = tl.min(tl.atomic_add(FLAGS + pid_m + each_thread, each_thread, sem="acquire", scope="gpu"), 0)
-        while seen < THREADS:  # the row block's leader has not published L yet (it ran a round or more ago)
+        while seen < THREADS:  # the row block's leader has not published L yet (it usually ran rounds ago)
             seen = tl.min(tl.atomic_add(FLAGS + pid_m + each_thread, each_thread, sem="acquire", scope="gpu"), 0)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         low = tl.load(L_PTR + rows.to(tl.int64)[:, None] * r + offs_r[None, :],
@@ -160,12 +163,15 @@ def _set_block_shapes(nargs):
 
 # Measured on an H100 at the LoRA shapes (M = 84,480): 128x256x64 tiles, 3 stages, 8 warps; whether phase 2 walks
 # the tiles grouped by 8 row blocks or row by row wins depends on the shape. Ranks up to MAX_RANK fit (r = 64: 216 KB
-# of shared memory, 255 registers in the backward).
+# of shared memory, 255 registers in the backward). THREADS must be the program's thread count: every thread
+# publishes its own part of L, and a waiting thread needs all of them.
 MAX_RANK = 64
-_CONFIGS = [triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": g, "THREADS": 256},
-                          num_stages=3, num_warps=8, pre_hook=_set_block_shapes) for g in (8, 1)]
+_BLOCK_M, _WARPS = 128, 8
+_CONFIGS = [triton.Config({"BLOCK_M": _BLOCK_M, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": g, "THREADS": 32 * _WARPS},
+                          num_stages=3, num_warps=_WARPS, pre_hook=_set_block_shapes) for g in (8, 1)]
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2, "THREADS": 32, "NUM_PROGRAMS": 1}
-# The autotuner runs the kernel once for each config: the flags and dB's sums start from zero each time.
+# The autotuner runs each config many times, and once more for the result: the flags and dB's sums start from zero
+# each time.
 _lora_fwd_tuned = triton.autotune(_CONFIGS, key=["M", "N", "K"], reset_to_zero=["FLAGS"])(_lora_matmul_kernel)
 _lora_bwd_tuned = triton.autotune(_CONFIGS, key=["M", "N", "K"], reset_to_zero=["FLAGS", "DB_ACC"])(
     _lora_matmul_kernel)
@@ -190,11 +196,13 @@ def block_r(r):
 def _launch_matmul(u, w, thin, up, out, low_out, s_in=None, db_acc=None):
     """Forward (s_in None): out [M, N] = u op(w) + L up^T and low_out = L = u thin^T, w [N, K], thin [r, K], up [N, r].
     Backward: out [M, N] = u w + L up and low_out = L = u thin, w [K, N], thin [K, r], up [r, N]; and db_acc fp32
-    [K, >= r] (zeros) += u^T s_in. All 2-D, rows contiguous, one dtype (db_acc fp32)."""
+    [K, block_r(r)] (zeros) += u^T s_in. All 2-D with contiguous rows, low_out, s_in and db_acc contiguous; one dtype
+    (db_acc fp32)."""
     M, K = u.shape
     N, r = out.shape[1], low_out.shape[1]
     bwd = s_in is not None
-    flags = torch.zeros(triton.cdiv(M, 16 if _INTERPRET else 128), device=u.device, dtype=torch.int32)
+    flags = torch.zeros(triton.cdiv(M, _INTERPRET_META["BLOCK_M"] if _INTERPRET else _BLOCK_M), device=u.device,
+                        dtype=torch.int32)  # a flag a row block
     args = dict(desc_u=_desc(u), desc_w=_desc(w), desc_t=_desc(thin), desc_r=_desc(up), desc_c=_desc(out),
                 S_PTR=s_in if bwd else low_out, L_PTR=low_out, FLAGS=flags, DB_ACC=db_acc if bwd else flags,
                 M=M, N=N, K=K, r=r, TRANS_W=not bwd, BLOCK_R=block_r(r))
@@ -205,7 +213,7 @@ def _launch_matmul(u, w, thin, up, out, low_out, s_in=None, db_acc=None):
     else:
         sms = _num_sms(u.device)
         tuned = _lora_bwd_tuned if bwd else _lora_fwd_tuned
-        tuned[(sms,)](**args, NUM_PROGRAMS=sms)
+        tuned[(sms,)](**args, NUM_PROGRAMS=sms, launch_cooperative_grid=True)
 
 
 @torch.library.custom_op("cosmos_kernels::lora_linear_fwd", mutates_args=())

@@ -169,6 +169,7 @@ def test_selective_checkpoint_keeps_attention_output(monkeypatch):
     ((37,), 48, 40, 8, torch.bfloat16, torch.float32),  # odd M, fp32 master A/B with bf16 x
     ((2, 19), 64, 24, 16, torch.float16, torch.float16),  # leading dims
     ((5, 7), 32, 48, 8, torch.bfloat16, torch.bfloat16),
+    ((3, 11), 40, 56, 40, torch.bfloat16, torch.float32),  # a rank padded to 64
 ])
 def test_lora_forward_and_gradients(lead, K, N, r, dtype, ab_dtype):
     x = randn(*lead, K, dtype=dtype).requires_grad_()
