@@ -11,9 +11,9 @@ Backward: the same kernel gives dX = dY W + dS A, dS = dY (s B) and dB = s dY^T 
 How the thin products ride inside the GEMM: the first column tile of each row block (its "leader") also multiplies
 the U tiles it loads anyway (x, or dY) by the thin operand (A^T, or s B): r / 256 more tensor-core work on one tile
 in N / 256 (twice that in the backward, which also forms dY_k^T S), where a separate pass would read the whole
-activation from HBM again. The leaders run first (phase 1) and
-publish their row block's product with release flags; every other tile (phase 2) acquires it before its epilogue,
-which adds L R (L = S or dS) to the accumulator before the store. The backward's leaders also add dY_k^T S into dB
+activation from HBM again. The leaders run first (phase 1) and publish their row block's product with release flags;
+every other tile (phase 2) acquires it before its epilogue, which adds L R (L = S or dS) to the accumulator before
+the store. The backward's leaders also add dY_k^T S into dB
 at each K step (fp32 atomics: dB's last bits vary from run to run).
 
 The GEMM is persistent: one program an SM walks its tiles, and phase 2's tile loop is flattened into the K loop so
@@ -53,6 +53,14 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     first_m = (tile // per_group) * GROUP_M
     group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
     return first_m + (tile % per_group) % group_m, (tile % per_group) // group_m
+
+
+@triton.jit
+def _rows(ptr, m, M, r, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Pointers to row block m of a row-major [M, r] matrix as [BLOCK_M, BLOCK_R], and the mask of those in it."""
+    rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_R)
+    return ptr + rows.to(tl.int64)[:, None] * r + cols[None, :], (rows < M)[:, None] & (cols < r)[None, :]
 
 
 @triton.jit
@@ -100,9 +108,8 @@ def _lora_matmul_kernel(desc_u, desc_w, desc_t, desc_r, desc_c, S_PTR, L_PTR, FL
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc_l = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
         if not TRANS_W:  # S's rows, for dB
-            rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
-            s_rows = tl.load(S_PTR + rows.to(tl.int64)[:, None] * r + offs_r[None, :],
-                             mask=(rows < M)[:, None] & (offs_r < r)[None, :], other=0.0)
+            s_ptrs, s_mask = _rows(S_PTR, m, M, r, BLOCK_M, BLOCK_R)
+            s_rows = tl.load(s_ptrs, mask=s_mask, other=0.0)
         for k in range(0, K, BLOCK_K):
             u = desc_u.load([m * BLOCK_M, k])
             if TRANS_W:
@@ -116,10 +123,9 @@ def _lora_matmul_kernel(desc_u, desc_w, desc_t, desc_r, desc_c, S_PTR, L_PTR, FL
                 tl.atomic_add(DB_ACC + offs_k[:, None] * BLOCK_R + offs_r[None, :], db, mask=offs_k[:, None] < K,
                               sem="relaxed")
         m_out = m_out + NUM_PROGRAMS if TRANS_W else m  # flattened, the epilogue keeps its own counter
-        rows = m_out * BLOCK_M + tl.arange(0, BLOCK_M)
         low = acc_l.to(desc_c.dtype)
-        tl.store(L_PTR + rows.to(tl.int64)[:, None] * r + offs_r[None, :], low,
-                 mask=(rows < M)[:, None] & (offs_r < r)[None, :])
+        l_ptrs, l_mask = _rows(L_PTR, m_out, M, r, BLOCK_M, BLOCK_R)
+        tl.store(l_ptrs, low, mask=l_mask)
         tl.atomic_add(FLAGS + m_out + each_thread, each_thread + 1, sem="release", scope="gpu")
         _epilogue(acc, low, desc_r, desc_c, m_out * BLOCK_M, 0, TRANS_W, BLOCK_N)
 
@@ -144,9 +150,8 @@ def _lora_matmul_kernel(desc_u, desc_w, desc_t, desc_r, desc_c, S_PTR, L_PTR, FL
         seen = tl.min(tl.atomic_add(FLAGS + pid_m + each_thread, each_thread, sem="acquire", scope="gpu"), 0)
         while seen < THREADS:  # the row block's leader has not published L yet (it usually ran rounds ago)
             seen = tl.min(tl.atomic_add(FLAGS + pid_m + each_thread, each_thread, sem="acquire", scope="gpu"), 0)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        low = tl.load(L_PTR + rows.to(tl.int64)[:, None] * r + offs_r[None, :],
-                      mask=(rows < M)[:, None] & (offs_r < r)[None, :], other=0.0)
+        l_ptrs, l_mask = _rows(L_PTR, pid_m, M, r, BLOCK_M, BLOCK_R)
+        low = tl.load(l_ptrs, mask=l_mask, other=0.0)
         _epilogue(acc, low, desc_r, desc_c, pid_m * BLOCK_M, (pid_n + 1) * BLOCK_N, TRANS_W, BLOCK_N)
 
 
