@@ -39,7 +39,7 @@ out_dir = "outputs"
 # model
 dit_preset = "cosmos_2b"
 base_checkpoint = ""  # official *_ema_bf16.pt (or model.pt); "" = random init (benchmarks only)
-dtype = "bfloat16"  # compute dtype of the frozen base; LoRA master weights and optimizer state stay fp32
+dtype = "bfloat16"  # compute dtype of the frozen base, or "float32"; LoRA master weights and AdamW state stay fp32
 attention_backend = "triton"  # "triton" (kernels/attention.py on CUDA, SDPA elsewhere) or "sdpa" (cuDNN first)
 activation_checkpointing = "selective"  # "none" | "full" | "selective" (keeps attention outputs)
 offload_block_inputs = False  # checkpointed block inputs in pinned CPU memory (the 14B at 93x704x1280 on one GPU)
@@ -98,15 +98,19 @@ CONFIG_KEYS = [k for k, v in dict(globals()).items() if not k.startswith("_") an
 
 def load_config(argv):
     """Apply a config file (plain assignments) and key=value overrides to the module globals, strictly."""
+    from model import DIT_PRESETS
+
+    choices = {"dit_preset": tuple(DIT_PRESETS), "dtype": ("bfloat16", "float32"),
+               "attention_backend": ("triton", "sdpa"), "activation_checkpointing": ("none", "full", "selective")}
     defaults = {k: globals()[k] for k in CONFIG_KEYS}
-    overrides = {}
+    overrides = {}  # key -> (value, where it was set)
     if argv and not argv[0].count("="):
         path = Path(argv.pop(0))
         if not path.is_file():
             raise SystemExit(f"config file {path} does not exist")
         scope = {}
         exec(compile(path.read_text(), str(path), "exec"), scope)
-        overrides.update({k: v for k, v in scope.items() if not k.startswith("__")})
+        overrides.update({k: (v, f"in {path}") for k, v in scope.items() if not k.startswith("__")})
     for arg in argv:
         key, sep, text = arg.partition("=")
         if not sep:
@@ -115,17 +119,21 @@ def load_config(argv):
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = text  # a bare word is a string
-        overrides[key] = value
-    for key, value in overrides.items():
+        overrides[key] = (value, "on the command line")
+    for key, (value, where) in overrides.items():
         if key not in defaults:
-            raise SystemExit(f"unknown config key {key!r}; known keys: {', '.join(sorted(defaults))}")
+            raise SystemExit(f"unknown config key {key!r} ({where}); known keys: {', '.join(sorted(defaults))}")
         want = type(defaults[key])
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if want is tuple and isinstance(value, list):
             value = tuple(value)
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-            raise SystemExit(f"config key {key!r} must be {want.__name__}, got {value!r} ({type(value).__name__})")
+            raise SystemExit(f"config key {key!r} ({where}) must be {want.__name__}, got {value!r} "
+                             f"({type(value).__name__})")
+        if key in choices and value not in choices[key]:
+            raise SystemExit(f"config key {key!r} ({where}) must be one of {', '.join(map(repr, choices[key]))}, "
+                             f"got {value!r}")
         globals()[key] = value
     return {k: globals()[k] for k in CONFIG_KEYS}
 
@@ -486,7 +494,7 @@ def swap_ema(model, ema):
 
 
 def main(argv):
-    if argv and argv[0] in ("-h", "--help"):
+    if "-h" in argv or "--help" in argv:
         print(__doc__)
         print("settings (override in a config file or as key=value):")
         for key in CONFIG_KEYS:

@@ -141,10 +141,23 @@ def test_lr_schedule_and_ema_match_the_reference():
     assert train.ema_beta(1000) == pytest.approx(0.992, abs=1e-3)
 
 
-def test_config_rejects_unknown_keys_and_wrong_types(tmp_path):
-    for bad, message in (("lora_rnk=4", "unknown config key 'lora_rnk'"), ("lora_rank='x'", "must be int")):
-        result = subprocess.run([sys.executable, "train.py", bad], cwd=REPO, capture_output=True, text=True)
+def test_config_rejects_unknown_keys_wrong_types_and_values(tmp_path):
+    config = tmp_path / "bad.py"
+    config.write_text("lora_rank = 4\nlora_rnk = 4\n")
+    for args, message in (
+            (["lora_rnk=4"], "unknown config key 'lora_rnk' (on the command line)"),
+            ([str(config)], f"unknown config key 'lora_rnk' (in {config})"),
+            (["lora_rank='x'"], "config key 'lora_rank' (on the command line) must be int, got 'x'"),
+            (["dtype=bf16"], "config key 'dtype' (on the command line) must be one of 'bfloat16', 'float32', got "),
+            (["dit_preset=2b"], "must be one of 'cosmos_2b', 'cosmos_14b', 'tiny', got '2b'"),
+            (["activation_checkpointing=selctive"], "must be one of 'none', 'full', 'selective', got 'selctive'"),
+            (["attention_backend=flash"], "must be one of 'triton', 'sdpa', got 'flash'")):
+        result = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True)
         assert result.returncode != 0 and message in result.stderr, result.stderr
+    # --help after a config file prints the settings and trains nothing
+    result = subprocess.run([sys.executable, "train.py", "configs/demo.py", "--help"], cwd=REPO, capture_output=True,
+                            text=True, check=True)
+    assert "activation_checkpointing = 'selective'" in result.stdout
 
 
 # ------------------------------------------------------------------------------------------------------------
