@@ -12,7 +12,7 @@ attention heads split inside self-attention: model.py, DiT.enable_context_parall
 evenly over the processes, else all processes on every video. `--cfg_parallel` also splits guidance: the
 conditional and the unconditional pass run on the two halves of each group. Either way a seed gives the same video.
 
-What happens, in the reference's way (spec/vae_text_encoder_inference.md §3):
+What happens, in the reference's way:
 1. the prompts and the negative prompt go through the text encoder, which is then freed;
 2. an input image (Image2World) or the last 5 frames of an input video (Video2World) are resized, center-cropped
    and VAE-encoded into 1 or 2 clean latent frames, which stay fixed while the rest is generated;
@@ -458,6 +458,20 @@ def add_adapters(net, state_dict):
     return list(modules)
 
 
+def holds_adapter(state_dict, adapter):
+    """Whether a checkpoint's own LoRA weights are this adapter's (to within bf16 rounding, as an fp32 export of the
+    same run is): each module's A and B against the checkpoint's under any adapter name."""
+    def same(a, b):
+        return a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-6)
+
+    for module, (A, B) in adapter.modules.items():
+        tails = {k.split(".lora_A.")[1] for k in state_dict if k.startswith(module + ".lora_A.")}  # "<name>.weight"
+        if not any(same(state_dict[f"{module}.lora_A.{n}"], A) and same(state_dict[f"{module}.lora_B.{n}"], B)
+                   for n in tails):
+            return False
+    return bool(adapter.modules)
+
+
 def load_dit(ckpt, loras=(), config=None):
     """The DiT of an official-layout checkpoint (a LoRA run's adapters included) plus the `--lora` adapters
     (path, scale), on the CPU in the checkpoint's dtype. The file is memory-mapped, so this is cheap: every shape
@@ -480,6 +494,11 @@ def load_dit(ckpt, loras=(), config=None):
         conf = train.load_config([str(config)])
         with torch.device("meta"):
             net = DiT(DIT_PRESETS[conf["dit_preset"]])
+        has_lora = any(".lora_" in k for k in state_dict)
+        if conf["use_lora"] != has_lora:
+            raise ValueError(f"--config {config} sets use_lora={conf['use_lora']}, but --ckpt {ckpt} "
+                             f"{'holds' if has_lora else 'holds no'} LoRA weights: give the model file exported from "
+                             f"that run, or leave --config out (the DiT is then read from the checkpoint's shapes)")
         if conf["use_lora"]:
             inject_lora(net, conf["lora_target_modules"], rank=conf["lora_rank"], alpha=conf["lora_alpha"])
     try:
@@ -489,6 +508,9 @@ def load_dit(ckpt, loras=(), config=None):
     for i, (path, scale) in enumerate(loras):
         name = f"lora{i}"
         adapter = read_adapter(path)  # ours, diffusers' or ComfyUI's layout, with its rank and alpha
+        if holds_adapter(state_dict, adapter):
+            raise ValueError(f"--lora {path} is the adapter that --ckpt {ckpt} already holds (a LoRA run's model "
+                             f"file carries it): it would act twice; drop --lora, or give the base model as --ckpt")
         try:
             inject_lora(net, list(adapter.modules), rank=adapter.rank, alpha=adapter.alpha, adapter_name=name)
             load_lora_state_dict(net, adapter.state_dict(name), name)
@@ -594,7 +616,8 @@ def build_parser():
     nets = p.add_argument_group("weights")
     nets.add_argument("--ckpt", required=True, help="DiT checkpoint in the official layout (e.g. model_ema_bf16.pt)")
     nets.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                      help="an extra adapter (ours or diffusers'), its output scaled by SCALE (default 1); repeatable")
+                      help="an extra adapter (ours, diffusers' or ComfyUI's), its output scaled by SCALE (default 1); "
+                           "repeatable")
     nets.add_argument("--merge", action="store_true", help="fold the adapters into the base weights (faster)")
     nets.add_argument("--config", help="the training config (e.g. configs/nemo_lora.py) giving the DiT preset and "
                                        "the checkpoint's LoRA settings; default: read from the checkpoint's shapes")
@@ -637,6 +660,10 @@ def check_context_parallel(cp, cfg_parallel, world, num_heads, samples):
     """Context parallelism splits the processes into groups, the heads and every sample's latent frames over the
     processes of one forward pass (a group, or half of it with guidance parallelism): all must divide. Checked
     before any heavy work."""
+    if cfg_parallel and world % 2:
+        raise ValueError(f"--cfg_parallel runs the conditional and the unconditional pass on two halves of the "
+                         f"processes: it needs an even number of them (torchrun --nproc_per_node=2 or more), "
+                         f"got {world}")
     if cp < 1 or world % cp:
         raise ValueError(f"--context_parallel_size {cp} must divide the number of processes ({world})")
     if cfg_parallel and (cp % 2 or not all(s.guidance for s in samples)):
@@ -729,9 +756,13 @@ def main(argv=None):
         raise ValueError("--prompt_embeds holds one prompt's embeddings; a batch needs --text_encoder")
     paths = output_paths(args, samples)
     loras = [parse_lora_spec(spec) for spec in args.lora]
-    for f in [args.ckpt, args.vae] + ([args.config] if args.config else []):
+    for flag, f in [("--ckpt", args.ckpt), ("--vae", args.vae)] + ([("--config", args.config)] if args.config else []):
+        if Path(f).is_dir():
+            hint = (f"; a training checkpoint folder is exported first: python convert.py {f} writes "
+                    f"model_ema_bf16.pt into it") if flag == "--ckpt" else ""
+            raise IsADirectoryError(f"{flag} {f} is a folder, not a file{hint}")
         if not Path(f).is_file():
-            raise FileNotFoundError(f"{f} does not exist")
+            raise FileNotFoundError(f"{flag} {f} does not exist")
     if args.text_encoder and not Path(args.text_encoder).is_dir():
         raise FileNotFoundError(f"--text_encoder {args.text_encoder}: no such folder")
 

@@ -233,6 +233,9 @@ def test_sample_cli_rejects_splits_that_do_not_divide(files, tmp_path, monkeypat
         sample.main(args + ["--num_frames", "9", "--context_parallel_size", "2"])
     with pytest.raises(ValueError, match="--cfg_parallel .* needs an even --context_parallel_size and guidance > 0"):
         sample.main(args + ["--num_frames", "13", "--cfg_parallel", "--guidance", "0"])
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ValueError, match="--cfg_parallel .* needs an even number of them .*got 1"):
+        sample.main(args + ["--num_frames", "13", "--cfg_parallel"])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -410,8 +410,13 @@ def test_main_checks_before_loading_anything(tmp_path):
     with pytest.raises(ValueError, match="multiples of 16"):
         sample.main(["--prompt", "p", "-o", str(tmp_path / "o.mp4"), "--ckpt", "c.pt", "--vae", "v.pth",
                      "--text_encoder", "te", "--resolution", "100,100"])
-    with pytest.raises(FileNotFoundError, match="c.pt does not exist"):
+    with pytest.raises(FileNotFoundError, match="--ckpt c.pt does not exist"):
         sample.main(["--prompt", "p", "-o", str(tmp_path / "o.mp4"), "--ckpt", "c.pt", "--vae", "v.pth",
+                     "--text_encoder", "te"])
+    checkpoint_dir = tmp_path / "iter_000000400"  # a training checkpoint (DCP) folder, not exported yet
+    checkpoint_dir.mkdir()
+    with pytest.raises(IsADirectoryError, match=f"--ckpt {checkpoint_dir} is a folder.*python convert.py"):
+        sample.main(["--prompt", "p", "-o", str(tmp_path / "o.mp4"), "--ckpt", str(checkpoint_dir), "--vae", "v.pth",
                      "--text_encoder", "te"])
 
 
@@ -548,6 +553,34 @@ def test_load_dit_with_extra_adapters(tmp_path, layout):
     assert not torch.allclose(dit_output(loaded), dit_output(net), rtol=1e-3, atol=1e-3)
     merged = load(path, spec, merge=True)
     assert torch.allclose(dit_output(merged), dit_output(expected), rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_holding_the_adapter_or_not_as_the_config_says(tmp_path):
+    from safetensors.torch import save_file
+
+    from lora import lora_state_dict
+    from model import DIT_PRESETS, DiT
+
+    net = tiny_dit()
+    path = save_checkpoint(net, tmp_path / "model_ema_fp32.pt")
+    # the same run's adapter file (bf16) on top of its model file would act twice
+    own = {k: v.to(torch.bfloat16).contiguous() for k, v in lora_state_dict(net).items()}
+    save_file(own, tmp_path / "lora_ema_bf16.safetensors")
+    with pytest.raises(ValueError, match="lora_ema_bf16.safetensors is the adapter that --ckpt .*model_ema_fp32.pt "
+                                         "already holds"):
+        sample.load_dit(path, [(tmp_path / "lora_ema_bf16.safetensors", 1.0)])
+    # another adapter with the same shapes is fine
+    save_file({k: v.contiguous() for k, v in lora_state_dict(tiny_dit(seed=1)).items()}, tmp_path / "b.safetensors")
+    sample.load_dit(path, [(tmp_path / "b.safetensors", 1.0)])
+
+    base = save_checkpoint(DiT(DIT_PRESETS["tiny"]), tmp_path / "base.pt")
+    config = tmp_path / "lora.py"
+    config.write_text("dit_preset = 'tiny'\nlora_rank = 4\nlora_alpha = 4\n")
+    with pytest.raises(ValueError, match="sets use_lora=True, but --ckpt .*base.pt holds no LoRA weights"):
+        sample.load_dit(base, config=config)
+    config.write_text("dit_preset = 'tiny'\nuse_lora = False\n")
+    with pytest.raises(ValueError, match="sets use_lora=False, but --ckpt .*model_ema_fp32.pt holds LoRA weights"):
+        sample.load_dit(path, config=config)
 
 
 def test_adapter_for_another_model_size(tmp_path):
