@@ -446,8 +446,9 @@ def plan_cache(dataset_path, vae_id, text_encoder_id, num_frames=93, video_size=
     """List every clip and unique caption to cache; fails on short videos and missing captions, naming them."""
     if clips_per_video is not None and stride is not None:
         raise ValueError("give clips_per_video or stride, not both")
-    if min(clips_per_video or 1, stride or 1) < 1:
-        raise ValueError(f"clips_per_video and stride must be >= 1, got {clips_per_video or stride}")
+    for key, value in (("clips_per_video", clips_per_video), ("stride", stride)):
+        if value is not None and value < 1:
+            raise ValueError(f"{key} must be >= 1, got {value}")
     if (num_frames - 1) % 4:
         raise ValueError(f"num_frames must be 1 + 4k for the 4x temporal VAE, got {num_frames}")
     if resize not in RESIZE_MODES:
@@ -962,7 +963,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except DataError as e:
+    except ValueError as e:  # bad input (DataError: a file or folder; else a value): the message says which
         print(f"error: {e}", file=sys.stderr)
         return 2
 

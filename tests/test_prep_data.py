@@ -322,6 +322,15 @@ def test_cache_command_frees_the_text_encoder_before_building_the_vae(tmp_path, 
     (tmp_path / "empty").mkdir()
     assert main([*args[:6], str(tmp_path / "empty"), *args[7:]]) == 2
     assert "empty: no model weights there" in capsys.readouterr().err
+    # bad values: a message, no traceback, no model built
+    built = list(events)
+    for bad, message in ((["--num_frames", "16"], "num_frames must be 1 + 4k for the 4x temporal VAE, got 16"),
+                         (["--clips_per_video", "0"], "clips_per_video must be >= 1, got 0")):
+        assert main(args[:7] + bad) == 2
+        assert message in capsys.readouterr().err
+    assert main(args[:7] + ["--num_frames", "9", "--stride", "0"]) == 2
+    assert "stride must be >= 1, got 0" in capsys.readouterr().err
+    assert events == built
 
 
 def fake_weights(root):
