@@ -145,10 +145,11 @@ def test_dit_forward_backward_and_sampling_equal_one_process(cp, tmp_path):
         others = [f for f in range(T) if f // (T // cp) != r]
         assert (res["x_grad"][:, :, others] == 0).all()
     assert rel_err(sum(res["x_grad"] for res in results), x_grad) <= 1e-5
-    # parameter gradients: each rank holds its frames' share; FSDP's reduction sums them
+    # parameter gradients: each rank holds its frames' share; FSDP's reduction sums them. A sum of per-rank shares
+    # cancels more than one pass does (2.7e-6 at worst here, on crossattn_proj's bias): 3e-5 leaves room for other CPUs
     assert set(results[0]["grads"]) == set(grads) and any(".lora_B." in n for n in grads)
     for name, grad in grads.items():
-        assert rel_err(sum(res["grads"][name] for res in results), grad) <= 1e-5, name
+        assert rel_err(sum(res["grads"][name] for res in results), grad) <= 3e-5, name
 
 
 # ----------------------------------------------------------------------------------------------------------------

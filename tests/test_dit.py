@@ -255,7 +255,7 @@ def test_merge_unmerge_and_scales():
         set_adapter_scale(model, "a", 0.0)
         neither = model(*x)
         plain = tiny_model()(*x)
-    assert rel_err(neither, plain) < 1e-6  # merge/unmerge leaves only fp32 rounding in the base
+    assert rel_err(neither, plain) < 1e-5  # merge/unmerge leaves only fp32 rounding in the base (2.6e-7 here)
     assert rel_err(only_a, adapted) > 1e-3 and rel_err(only_a, plain) > 1e-3
 
 

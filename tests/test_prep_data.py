@@ -471,23 +471,25 @@ def test_video_dataset(tmp_path, demo_dir):
 
 
 def test_demo_dataset_files_and_determinism(tmp_path, capsys):
-    # 48x64, not 32x32: the PyAV wheels' x264 assembly gives run-to-run different bits for 32-pixel-wide frames
+    """The clips and captions are a function of the seed; the mp4s hold those clips to within H.264's loss (x264
+    itself is not bit-reproducible from run to run in one process, so the files are not compared bit for bit)."""
     assert main(["demo", "--out", str(tmp_path / "a"), "--num_videos", "3", "--num_frames", "9", "--size",
                  "48,64", "--seed", "7"]) == 0
-    write_synthetic_dataset(tmp_path / "b", num_videos=3, num_frames=9, size=(48, 64), seed=7)
-    write_synthetic_dataset(tmp_path / "c", num_videos=3, num_frames=9, size=(48, 64), seed=8)
     names = sorted(p.name for p in (tmp_path / "a" / "videos").iterdir())
     assert names == ["robot_000.mp4", "robot_001.mp4", "robot_002.mp4"]
+    rng, other_seed = np.random.default_rng(7), np.random.default_rng(8)
     for name in names:
+        frames, caption = robot_clip(rng, 9, (48, 64))  # what seed 7 draws, in the writer's order
+        other, _ = robot_clip(other_seed, 9, (48, 64))
+        assert not np.array_equal(frames, other)
         info = video_info(tmp_path / "a" / "videos" / name)
         assert (info.num_frames, info.height, info.width, info.fps) == (9, 48, 64, 16.0)
-        caption = (tmp_path / "a" / "metas" / name.replace(".mp4", ".txt")).read_text()
+        assert (tmp_path / "a" / "metas" / name.replace(".mp4", ".txt")).read_text() == caption
         assert caption.startswith("A video of sks teal robot")
-        assert caption == (tmp_path / "b" / "metas" / name.replace(".mp4", ".txt")).read_text()
-        a, b = read_video(tmp_path / "a" / "videos" / name)[0], read_video(tmp_path / "b" / "videos" / name)[0]
-        assert np.array_equal(a, b)
-    c = read_video(tmp_path / "c" / "videos" / names[0])[0]
-    assert not np.array_equal(c, read_video(tmp_path / "a" / "videos" / names[0])[0])
+        decoded = read_video(tmp_path / "a" / "videos" / name)[0]
+        # H.264 with 4:2:0 chroma on small saturated shapes: 1.3-3.7 here; another seed's clips are 20 or more away
+        assert np.abs(decoded.astype(int) - frames).mean() < 6
+        assert np.abs(decoded.astype(int) - other).mean() > 10
     assert main(["demo", "--out", str(tmp_path / "a")]) == 2  # never writes over an existing dataset
     assert "already has files" in capsys.readouterr().err
 
