@@ -80,7 +80,7 @@ max_iter = 1000
 # logging and checkpoints
 logging_iter = 100
 save_iter = 200
-keep_last = 3
+keep_last = 3  # checkpoints kept (older ones lose their training state); 0 keeps every one
 resume = ""  # a checkpoint folder to start from; by default the run's latest checkpoint, if any
 seed = 0
 wandb = True
@@ -102,6 +102,8 @@ def load_config(argv):
 
     choices = {"dit_preset": tuple(DIT_PRESETS), "dtype": ("bfloat16", "float32"),
                "attention_backend": ("triton", "sdpa"), "activation_checkpointing": ("none", "full", "selective")}
+    minimum = {"max_iter": 0, "save_iter": 1, "logging_iter": 1, "keep_last": 0, "batch_size": 1, "num_workers": 0,
+               "context_parallel_size": 1, "lora_rank": 1, "val_iter": 0, "num_frames": 1}
     defaults = {k: globals()[k] for k in CONFIG_KEYS}
     overrides = {}  # key -> (value, where it was set)
     if argv and not argv[0].count("="):
@@ -131,6 +133,8 @@ def load_config(argv):
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
             raise SystemExit(f"config key {key!r} ({where}) must be {want.__name__}, got {value!r} "
                              f"({type(value).__name__})")
+        if key in minimum and value < minimum[key]:
+            raise SystemExit(f"config key {key!r} ({where}) must be >= {minimum[key]}, got {value!r}")
         if key in choices and value not in choices[key]:
             raise SystemExit(f"config key {key!r} ({where}) must be one of {', '.join(map(repr, choices[key]))}, "
                              f"got {value!r}")
@@ -390,16 +394,42 @@ def save_checkpoint(run_dir, model, optimizer, scheduler, ema, step, rank, meta)
     dist.barrier()
     if rank == 0:
         (partial / "meta.json").write_text(json.dumps(meta, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
+        os.rename(partial, final)  # checked free at the start (check_no_later_checkpoints); fails if not
         latest_tmp = ckpt_root / "latest_checkpoint.txt.tmp"
         latest_tmp.write_text(final.name + "\n")
         os.replace(latest_tmp, ckpt_root / "latest_checkpoint.txt")
-        for old in sorted(ckpt_root.glob("iter_?????????"))[:-keep_last]:
-            shutil.rmtree(old)
+        if keep_last:
+            older = sorted(p for p in ckpt_root.glob("iter_?????????") if (p / ".metadata").is_file())
+            for old in older[:-keep_last]:
+                remove_training_state(old)
     dist.barrier()
     return final
+
+
+def remove_training_state(path):
+    """Delete what save_checkpoint wrote into an old checkpoint folder; files written there since (convert.py's
+    exports) stay, and so does the folder then."""
+    for f in [path / ".metadata", path / "meta.json", *path.glob("*.distcp")]:
+        f.unlink(missing_ok=True)
+    kept = sorted(f.name for f in path.iterdir())
+    if kept:
+        print(f"kept {path} without its training state: it holds {', '.join(kept)}")
+    else:
+        path.rmdir()
+
+
+def checkpoint_folders(run_dir):
+    """{iteration: folder} of this run's checkpoint folders, complete or not."""
+    return {int(p.name[5:]): p for p in (run_dir / "checkpoints").glob("iter_?????????")}
+
+
+def check_no_later_checkpoints(run_dir, step):
+    """Training on from `step` writes iter_<step + k> folders: none may exist (they would be written over)."""
+    later = sorted(p.name for it, p in checkpoint_folders(run_dir).items() if it > step)
+    if later:
+        raise SystemExit(f"{run_dir / 'checkpoints'} already has {', '.join(later)}, after iteration {step} where "
+                         f"this run starts: going on would write over them. Resume into a new run (name=...), "
+                         f"or move them away")
 
 
 def find_resume_checkpoint(run_dir):
@@ -418,8 +448,12 @@ def find_resume_checkpoint(run_dir):
 
 
 def load_checkpoint(path, model, optimizer, scheduler, ema, meta):
+    """Restore a checkpoint into this run. The adapter's shape and scale must match; the settings that a resumed run
+    may change (the learning rate after a divergence, say) take effect, and each change is printed."""
+    if not (path / "meta.json").is_file():
+        raise SystemExit(f"checkpoint {path} has no meta.json: not a folder train.py wrote")
     saved_meta = json.loads((path / "meta.json").read_text())
-    for key in ("dit_preset", "base_fingerprint", "use_lora", "lora_rank", "lora_target_modules"):
+    for key in ("dit_preset", "base_fingerprint", "use_lora", "lora_rank", "lora_alpha", "lora_target_modules"):
         if saved_meta.get(key) != meta.get(key):
             raise SystemExit(f"checkpoint {path} was made with {key}={saved_meta.get(key)!r}, this run has "
                              f"{meta.get(key)!r}")
@@ -428,7 +462,17 @@ def load_checkpoint(path, model, optimizer, scheduler, ema, meta):
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
     set_optimizer_state_dict(model, optimizer, state["optim"])
     scheduler.load_state_dict(state["scheduler"])
-    return state["trainer"]["iteration"]
+    step = state["trainer"]["iteration"]
+    # The optimizer's hyperparameters come back from the checkpoint; this run's config decides them
+    scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group.update(initial_lr=lr, lr=lr * lr_multiplier(step), betas=betas, eps=eps, weight_decay=weight_decay)
+    saved, now = saved_meta["config"], json.loads(json.dumps(meta["config"]))  # tuples and int keys as saved
+    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k] and k not in (
+        "max_iter", "resume")]
+    if changed and dist.get_rank() == 0:
+        print(f"resuming {path} with changed settings: {'; '.join(changed)}")
+    return step
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -518,9 +562,7 @@ def main(argv):
         raise SystemExit(f"offload_block_inputs=True copies block inputs between the GPU and pinned host memory: it "
                          f"needs a CUDA device (got {device})")
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
         print(json.dumps(config, indent=2, default=str))
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
 
     validation = load_validation(device)
     model = build_model(device)
@@ -543,6 +585,12 @@ def main(argv):
         step = load_checkpoint(resume_from, model, optimizer, scheduler, ema, meta)
         if rank == 0:
             print(f"resumed from {resume_from} at iteration {step}")
+    check_no_later_checkpoints(run_dir, step)
+    if step >= max_iter and rank == 0:
+        print(f"iteration {step} has reached max_iter={max_iter}: nothing to train (raise max_iter to go on)")
+    if rank == 0:  # after the checks, so that a refused run leaves the run folder as it was
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
 
     data = build_data(dp_rank, dp_size, device, start_position=step * batch_size * dp_size)
     run = None

@@ -211,6 +211,41 @@ def test_resume_is_exact(cache, tmp_path):
             assert torch.equal(a[k], b[k]), (section, k)
 
 
+def logged(stdout, key):
+    return [float(line.split(f" {key} ")[1].split(",")[0]) for line in stdout.splitlines() if line.startswith("iter ")]
+
+
+def test_checkpoints_are_never_written_over_and_rotation_keeps_exports(cache, tmp_path):
+    checkpoints = tmp_path / "run" / "checkpoints"
+    first = run_train(tmp_path, cache, "max_iter=2", "save_iter=2")
+    (ckpt(tmp_path, 2) / "model_ema_bf16.pt").write_bytes(b"an export")  # as convert.py writes into the folder
+    # resumed with another lr: it takes effect (the optimizer state would bring back the old one) and is announced
+    second = run_train(tmp_path, cache, "max_iter=6", "save_iter=2", "keep_last=2", "lr=2e-3")
+    assert "with changed settings: lr 0.001 -> 0.002" in second.stdout
+    assert logged(second.stdout, "lr")[-1] == pytest.approx(2 * logged(first.stdout, "lr")[-1], rel=1e-3)
+    # rotation removed iter 2's training state only: the export and its folder stay
+    assert f"kept {ckpt(tmp_path, 2)} without its training state: it holds model_ema_bf16.pt" in second.stdout
+    assert sorted(p.name for p in ckpt(tmp_path, 2).iterdir()) == ["model_ema_bf16.pt"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["iter_000000002", "iter_000000004", "iter_000000006",
+                                                             "latest_checkpoint.txt"]
+    # going on from iteration 4 would write over iteration 6: refused, and the run folder is left as it was
+    config_before = (tmp_path / "run" / "config.json").read_text()
+    refused = run_train(tmp_path, cache, f"resume='{ckpt(tmp_path, 4)}'", "max_iter=8", "save_iter=2", check=False)
+    assert refused.returncode != 0
+    assert f"{checkpoints} already has iter_000000006, after iteration 4 where this run starts" in refused.stderr
+    assert (tmp_path / "run" / "config.json").read_text() == config_before
+    assert (ckpt(tmp_path, 6) / ".metadata").is_file()
+    # into a new run it goes on
+    branched = run_train(tmp_path, cache, f"resume='{ckpt(tmp_path, 4)}'", "name='branch'", "max_iter=6",
+                         "save_iter=2")
+    assert "iteration 4" in branched.stdout and (ckpt(tmp_path, 6, "branch") / ".metadata").is_file()
+    # the adapter's scale cannot change under a resumed run; keep_last below 0 means nothing
+    refused = run_train(tmp_path, cache, "lora_alpha=8", "max_iter=8", check=False)
+    assert "was made with lora_alpha=32, this run has 8" in refused.stderr
+    refused = run_train(tmp_path, cache, "keep_last=-1", check=False)
+    assert "config key 'keep_last' (on the command line) must be >= 0, got -1" in refused.stderr
+
+
 KILL_IN_SAVE = """
 import os, signal, sys
 import train
