@@ -279,8 +279,16 @@ def parse_batch_file(path, defaults):
     sets the number of frames.
     """
     path = Path(path)
+
+    def unique_keys(pairs):  # json keeps the last of repeated keys without a word
+        keys = [k for k, _ in pairs]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise ValueError(f"{path}: {', '.join(map(repr, repeated))} appear(s) more than once in one object")
+        return dict(pairs)
+
     try:
-        batch = json.loads(path.read_text())
+        batch = json.loads(path.read_text(), object_pairs_hook=unique_keys)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read the batch file {path}: {e}") from None
     if not isinstance(batch, dict):
@@ -312,6 +320,9 @@ def parse_batch_file(path, defaults):
     samples = []
     for name, fields in batch["samples"].items():
         source = f"{path}: sample {name!r}"
+        if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise ValueError(f"{source}: a sample's name becomes its file name <-o>/<name>.mp4, so it must be a plain "
+                             f"file name (no folders)")
         if not isinstance(fields, dict):
             raise ValueError(f"{source}: expected an object with fields {', '.join(SAMPLE_FIELDS)}")
         unknown = sorted(set(fields) - set(SAMPLE_FIELDS))
@@ -719,6 +730,8 @@ def samples_from_args(args):
         return parse_batch_file(args.input, defaults)
     if not args.prompt and not args.prompt_embeds:
         raise ValueError("give --prompt (or --prompt_embeds), or a JSON batch with -i")
+    if args.prompt and args.prompt_embeds:
+        raise ValueError("--prompt_embeds replaces the prompt's text: give --prompt or --prompt_embeds, not both")
     n = 1 if args.image else 2 if args.video else 0
     path = args.image or args.video
     defaults.name = Path(args.output).stem

@@ -330,8 +330,8 @@ def test_bad_input_fails_before_heavy_work(files, tmp_path, no_heavy_work):
     save_file({"prompt": torch.zeros(1, 8, 100352), "negative_prompt": torch.zeros(1, 8, 100352)}, embeds)
     with pytest.raises(ValueError, match="embeds.safetensors: embeddings of width .*prompt 100352, but the DiT's "
                                          "cross-attention takes 64"):
-        main("--prompt", "p", weights_args=["--ckpt", str(files / "model_ema_bf16.pt"), "--vae",
-                                            str(files / "tokenizer.pth"), "--prompt_embeds", str(embeds)])
+        main(weights_args=["--ckpt", str(files / "model_ema_bf16.pt"), "--vae", str(files / "tokenizer.pth"),
+                           "--prompt_embeds", str(embeds)])
 
 
 def test_text_encoder_is_freed_before_the_dit_reaches_the_device(files, tmp_path, monkeypatch):

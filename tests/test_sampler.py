@@ -354,6 +354,20 @@ def test_json_errors(tmp_path, batch, error):
         parse_batch_file(write_json(tmp_path, batch), cli_defaults())
 
 
+@pytest.mark.parametrize("name", ["../escaped", "./a", "sub/a", "..", "", "a\\b"])
+def test_json_sample_names_are_file_names(tmp_path, name):
+    with pytest.raises(ValueError, match="must be a plain file name"):
+        parse_batch_file(write_json(tmp_path, {"inference_type": "text2world", "samples": {name: {"prompt": "p"}}}),
+                         cli_defaults())
+
+
+def test_json_repeated_names(tmp_path):
+    path = tmp_path / "b.json"  # json.dumps cannot repeat a key: written by hand
+    path.write_text('{"inference_type": "text2world", "samples": {"a": {"prompt": "p"}, "a": {"prompt": "q"}}}')
+    with pytest.raises(ValueError, match="b.json: 'a' appear\\(s\\) more than once"):
+        parse_batch_file(path, cli_defaults())
+
+
 def test_json_not_json(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text("{not json")
@@ -388,6 +402,7 @@ def test_command_line_samples(tmp_path):
     (["--prompt", "p", "--guidance", "-2"], "guidance"),
     ([], "give --prompt"),
     (["--prompt", "p", "-i", "b.json"], "-i takes the prompts"),
+    (["--prompt", "p", "--prompt_embeds", "e.safetensors"], "give --prompt or --prompt_embeds, not both"),
 ])
 def test_command_line_errors(argv, error):
     with pytest.raises((ValueError, FileNotFoundError), match=error):
