@@ -466,6 +466,10 @@ def plan_cache(dataset_path, vae_id, text_encoder_id, num_frames=93, video_size=
         raise DataError(f"videos shorter than one clip of {num_frames} frames: {', '.join(short)}")
     tag = f"{num_frames}f_{video_size[0]}x{video_size[1]}_{resize}"
     choice = f"clips_per_video={clips_per_video}" if clips_per_video is not None else f"stride={stride or num_frames}"
+    manifest = Path(dataset_path) / "cache" / tag / "manifest.json"
+    if manifest.is_file() and (made := json.loads(manifest.read_text())["clip_choice"]) != choice:
+        raise DataError(f"{manifest.parent} holds the clips of {made}, not {choice}: a run training on it would "
+                        f"change dataset under it. Move the folder away to cache with {choice}")
     return CachePlan(Path(dataset_path), Path(dataset_path) / "cache" / tag, num_frames, tuple(video_size), resize,
                      choice, vae_id, text_encoder_id, clips, sorted(set(captions)))
 

@@ -45,7 +45,7 @@ activation_checkpointing = "selective"  # "none" | "full" | "selective" (keeps a
 offload_block_inputs = False  # checkpointed block inputs in pinned CPU memory (the 14B at 93x704x1280 on one GPU)
 # data
 dataset_dir = "datasets/cosmos_nemo_assets"
-cache_dir = ""  # a `prep_data.py cache` folder; "" = decode and encode videos online
+cache_dir = ""  # a `prep_data.py cache` folder (it sets num_frames, video_size, dataset_dir); "" = encode online
 vae_checkpoint = ""  # tokenizer.pth, for online encoding and validation videos
 text_encoder = ""  # Cosmos-Reason1 folder, for online encoding and validation prompts
 num_frames = 93
@@ -94,6 +94,7 @@ val_guidance = 7.0
 
 CONFIG_KEYS = [k for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(
     v, (int, float, str, bool, tuple, list, dict))]
+_set_keys = set()  # the keys the config file or the command line set
 
 
 def load_config(argv):
@@ -139,6 +140,7 @@ def load_config(argv):
             raise SystemExit(f"config key {key!r} ({where}) must be one of {', '.join(map(repr, choices[key]))}, "
                              f"got {value!r}")
         globals()[key] = value
+        _set_keys.add(key)
     return {k: globals()[k] for k in CONFIG_KEYS}
 
 
@@ -295,6 +297,25 @@ def shard_model(model):
         fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(model.blocks) - 1)
     fully_shard(model, mp_policy=mp)
     return model
+
+
+def take_data_settings_from_cache():
+    """With cache_dir the cache is the data: num_frames, video_size (validation samples at that size too) and
+    dataset_dir (the cache is <dataset>/cache/<tag>) come from it. Set in the config to other values, they are an
+    error: the run would record other data than it trains on."""
+    global num_frames, video_size, dataset_dir
+    manifest = Path(cache_dir) / "manifest.json"
+    if not manifest.is_file():
+        raise SystemExit(f"cache_dir {cache_dir} has no manifest.json (run `prep_data.py cache` first)")
+    made = json.loads(manifest.read_text())
+    found = {"num_frames": made["num_frames"], "video_size": tuple(made["video_size"]),
+             "dataset_dir": Path(cache_dir).resolve().parent.parent}
+    now = {"num_frames": num_frames, "video_size": video_size, "dataset_dir": Path(dataset_dir).resolve()}
+    differ = [f"{k}={now[k]!s} (the cache has {found[k]!s})" for k in found if k in _set_keys and found[k] != now[k]]
+    if differ:
+        raise SystemExit(f"cache_dir {cache_dir} does not match this config: {'; '.join(differ)}. Leave them out or "
+                         f"set them as the cache was made, or point cache_dir to a cache made with them")
+    num_frames, video_size, dataset_dir = found["num_frames"], found["video_size"], str(found["dataset_dir"])
 
 
 def build_data(rank, world_size, device, start_position):
@@ -545,14 +566,15 @@ def main(argv):
             print(f"  {key} = {globals()[key]!r}")
         return
     config = load_config(argv)
+    if cache_dir:
+        take_data_settings_from_cache()
+        config.update(num_frames=num_frames, video_size=video_size, dataset_dir=dataset_dir)
     rank, world_size, device = init_distributed()
     cp_group = context_parallel_group(rank, world_size)
     dp_rank, dp_size = rank // context_parallel_size, world_size // context_parallel_size
     run_dir = Path(out_dir) / name
     if base_checkpoint and not Path(base_checkpoint).is_file():
         raise SystemExit(f"base_checkpoint {base_checkpoint} does not exist")
-    if cache_dir and not (Path(cache_dir) / "manifest.json").is_file():
-        raise SystemExit(f"cache_dir {cache_dir} has no manifest.json (run `prep_data.py cache` first)")
     if not cache_dir and not Path(dataset_dir).is_dir():
         raise SystemExit(f"dataset_dir {dataset_dir} does not exist")
     if offload_block_inputs and activation_checkpointing == "none":

@@ -202,7 +202,8 @@ def test_a_short_lora_run_learns_the_teal_robot(robot_data, shipped, tmp_path):
     assert colour_fraction(np.concatenate(train_clips), np.asarray(TEAL, np.float32)) > 0.05  # the concept, drawn
 
     args = [sys.executable, "train.py", "configs/demo.py", f"out_dir='{tmp_path}'", f"cache_dir='{caches['robot']}'",
-            f"max_iter={LORA_STEPS}", f"save_iter={LORA_STEPS}", f"cycle_length={LORA_STEPS}"]
+            f"dataset_dir='{root / 'robot'}'", f"max_iter={LORA_STEPS}", f"save_iter={LORA_STEPS}",
+            f"cycle_length={LORA_STEPS}"]
     result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, f"train.py failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"

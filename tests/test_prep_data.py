@@ -330,6 +330,9 @@ def test_cache_command_frees_the_text_encoder_before_building_the_vae(tmp_path, 
         assert message in capsys.readouterr().err
     assert main(args[:7] + ["--num_frames", "9", "--stride", "0"]) == 2
     assert "stride must be >= 1, got 0" in capsys.readouterr().err
+    # the same folder with other clips would change the data of a run training on it
+    assert main(args[:7] + ["--num_frames", "9", "--video_size", "16,24", "--stride", "4"]) == 2
+    assert "9f_16x24_stretch holds the clips of clips_per_video=2, not stride=4" in capsys.readouterr().err
     assert events == built
 
 

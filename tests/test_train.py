@@ -1,5 +1,6 @@
 """train.py on the CPU: the objective, learning, exact resume, crash-safe checkpoints, and two gloo ranks."""
 
+import json
 import os
 import socket
 import subprocess
@@ -294,6 +295,19 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch_and_resume_on_one(c
     assert "iteration 3" in result.stdout
     assert sorted(p.name for p in (two / "run" / "checkpoints").iterdir()) == ["iter_000000004",
                                                                                "latest_checkpoint.txt"]
+
+
+def test_the_cache_sets_the_data_settings_and_other_values_are_refused(cache, tmp_path):
+    run_train(tmp_path, cache, "max_iter=1")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["num_frames"], config["video_size"], config["dataset_dir"]) == (17, [32, 32],
+                                                                                  str(cache.resolve().parent.parent))
+    for setting, message in (("num_frames=93", "num_frames=93 (the cache has 17)"),
+                             ("video_size=(64, 64)", "video_size=(64, 64) (the cache has (32, 32))"),
+                             (f"dataset_dir='{tmp_path}'", f"dataset_dir={tmp_path} (the cache has")):
+        result = run_train(tmp_path / "other", cache, setting, check=False)
+        assert result.returncode != 0 and f"cache_dir {cache} does not match this config: {message}" in result.stderr
+        assert not (tmp_path / "other").exists()
 
 
 def test_missing_base_checkpoint_fails_before_work(cache, tmp_path):
