@@ -448,9 +448,22 @@ def parse_lora_spec(spec):
     return Path(path), scale
 
 
-def add_adapters(net, state_dict):
-    """Inject the adapters whose `lora_A` weights appear in `state_dict` (rank from their shape; alpha = rank, the
-    reference's scale 1) into exactly the modules named there. Returns the adapter names."""
+def checkpoint_alpha(ckpt, rank):
+    """The alpha of the adapter in a LoRA run's model file, which cannot hold it: from the meta.json train.py wrote
+    beside it (convert.py exports into the checkpoint folder), else alpha = rank (the reference's scale 1), said."""
+    meta = Path(ckpt).parent / "meta.json"
+    if meta.is_file():
+        recorded = json.loads(meta.read_text())
+        if recorded.get("lora_rank") == rank and "lora_alpha" in recorded:
+            return recorded["lora_alpha"]
+    print(f"{ckpt}: the alpha of its rank-{rank} adapter is not recorded beside it (no meta.json from train.py); "
+          f"taking alpha = rank (scale 1). If the run used another alpha, pass its config with --config")
+    return rank
+
+
+def add_adapters(net, state_dict, ckpt):
+    """Inject the adapters whose `lora_A` weights appear in `state_dict` (rank from their shape; alpha from
+    checkpoint_alpha) into exactly the modules named there. Returns the adapter names."""
     from lora import inject_lora
 
     modules = {}  # adapter name -> {module: rank}
@@ -463,7 +476,7 @@ def add_adapters(net, state_dict):
             raise ValueError(f"adapter {name!r} has several ranks {sorted(set(ranks.values()))}")
         rank = next(iter(ranks.values()))
         try:
-            inject_lora(net, list(ranks), rank=rank, alpha=rank, adapter_name=name)
+            inject_lora(net, list(ranks), rank=rank, alpha=checkpoint_alpha(ckpt, rank), adapter_name=name)
         except ValueError as e:  # no module of that name
             raise ValueError(f"adapter {name!r}: {e}") from None
     return list(modules)
@@ -487,7 +500,7 @@ def load_dit(ckpt, loras=(), config=None):
     """The DiT of an official-layout checkpoint (a LoRA run's adapters included) plus the `--lora` adapters
     (path, scale), on the CPU in the checkpoint's dtype. The file is memory-mapped, so this is cheap: every shape
     is checked here, before any heavy work, and the weights are read when the model moves to the GPU.
-    The preset and the checkpoint's adapter come from its shapes (adapter alpha = rank), or from a training config
+    The preset and the checkpoint's adapter come from its shapes (alpha: checkpoint_alpha), or from a training config
     file (`dit_preset`, `use_lora`, `lora_rank`, `lora_alpha`, `lora_target_modules`), like the reference's
     --experiment."""
     from convert import read_adapter
@@ -498,7 +511,7 @@ def load_dit(ckpt, loras=(), config=None):
     if config is None:
         with torch.device("meta"):
             net = DiT(infer_dit_config(state_dict, ckpt))
-        add_adapters(net, state_dict)
+        add_adapters(net, state_dict, ckpt)
     else:
         import train
 

@@ -428,14 +428,16 @@ def save_checkpoint(run_dir, model, optimizer, scheduler, ema, step, rank, meta)
 
 
 def remove_training_state(path):
-    """Delete what save_checkpoint wrote into an old checkpoint folder; files written there since (convert.py's
-    exports) stay, and so does the folder then."""
-    for f in [path / ".metadata", path / "meta.json", *path.glob("*.distcp")]:
-        f.unlink(missing_ok=True)
-    kept = sorted(f.name for f in path.iterdir())
+    """Delete the training state save_checkpoint wrote into an old checkpoint folder. Files written there since
+    (convert.py's exports) stay, and so do the folder and meta.json, which describes them (sample.py reads the
+    adapter's alpha from it)."""
+    for f in [path / ".metadata", *path.glob("*.distcp")]:
+        f.unlink()
+    kept = sorted(f.name for f in path.iterdir() if f.name != "meta.json")
     if kept:
         print(f"kept {path} without its training state: it holds {', '.join(kept)}")
     else:
+        (path / "meta.json").unlink()
         path.rmdir()
 
 

@@ -522,7 +522,7 @@ def save_checkpoint(net, path):
     return path
 
 
-def test_load_dit_with_the_checkpoints_adapter(tmp_path):
+def test_load_dit_with_the_checkpoints_adapter(tmp_path, capsys):
     net = tiny_dit(rank=4, alpha=4)
     path = save_checkpoint(net, tmp_path / "model_ema_bf16.pt")
     loaded = load(path)
@@ -539,6 +539,11 @@ def test_load_dit_with_the_checkpoints_adapter(tmp_path):
                           dit_output(net8), rtol=1e-6, atol=1e-6)
     assert not torch.allclose(dit_output(load(path8)),
                               dit_output(net8), rtol=1e-3, atol=1e-3)
+    assert "the alpha of its rank-4 adapter is not recorded beside it" in capsys.readouterr().out
+    # exported into its checkpoint folder, the file has train.py's meta.json beside it
+    (tmp_path / "meta.json").write_text(json.dumps({"lora_rank": 4, "lora_alpha": 8}))
+    assert torch.allclose(dit_output(load(path8)), dit_output(net8), rtol=1e-6, atol=1e-6)
+    assert "not recorded" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("layout", ["ours", "diffusers"])

@@ -226,7 +226,7 @@ def test_checkpoints_are_never_written_over_and_rotation_keeps_exports(cache, tm
     assert logged(second.stdout, "lr")[-1] == pytest.approx(2 * logged(first.stdout, "lr")[-1], rel=1e-3)
     # rotation removed iter 2's training state only: the export and its folder stay
     assert f"kept {ckpt(tmp_path, 2)} without its training state: it holds model_ema_bf16.pt" in second.stdout
-    assert sorted(p.name for p in ckpt(tmp_path, 2).iterdir()) == ["model_ema_bf16.pt"]
+    assert sorted(p.name for p in ckpt(tmp_path, 2).iterdir()) == ["meta.json", "model_ema_bf16.pt"]
     assert sorted(p.name for p in checkpoints.iterdir()) == ["iter_000000002", "iter_000000004", "iter_000000006",
                                                              "latest_checkpoint.txt"]
     # going on from iteration 4 would write over iteration 6: refused, and the run folder is left as it was
