@@ -377,6 +377,7 @@ class Clip:
     fps: float
     source_size: tuple  # (H, W) of the video file
     caption: str
+    source_sha256: str  # of the video file: a video replaced under the same name is encoded again
 
 
 @dataclass
@@ -402,7 +403,8 @@ class CachePlan:
     def latent_meta(self, clip):
         return {"source": clip.video.name, "start_frame": str(clip.start), "num_frames": str(self.num_frames),
                 "fps": repr(clip.fps), "source_size": "{}x{}".format(*clip.source_size),
-                "video_size": "{}x{}".format(*self.video_size), "resize": self.resize, "vae": self.vae_id}
+                "video_size": "{}x{}".format(*self.video_size), "resize": self.resize, "vae": self.vae_id,
+                "source_sha256": clip.source_sha256}
 
     def text_meta(self, caption):
         return {"caption": caption, "text_encoder": self.text_encoder_id}
@@ -461,7 +463,8 @@ def plan_cache(dataset_path, vae_id, text_encoder_id, num_frames=93, video_size=
         starts = clip_starts(info.num_frames, num_frames, clips_per_video, stride)
         if not starts:
             short.append(f"{video} ({info.num_frames} frames)")
-        clips += [Clip(video, s, info.fps, (info.height, info.width), caption) for s in starts]
+        digest = file_sha256(video) if starts else ""
+        clips += [Clip(video, s, info.fps, (info.height, info.width), caption, digest) for s in starts]
     if short:
         raise DataError(f"videos shorter than one clip of {num_frames} frames: {', '.join(short)}")
     tag = f"{num_frames}f_{video_size[0]}x{video_size[1]}_{resize}"
@@ -474,9 +477,18 @@ def plan_cache(dataset_path, vae_id, text_encoder_id, num_frames=93, video_size=
                      choice, vae_id, text_encoder_id, clips, sorted(set(captions)))
 
 
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _cached(path, meta):
-    """True when `path` is a complete cache file made with the same settings. Unreadable files (a partial write
-    by another tool, a disk that filled up) are redone; a file made with other settings is an error."""
+    """True when `path` is a complete cache file made with the same settings from the same source video. Unreadable
+    files (a partial write by another tool, a disk that filled up) and latents of a video since replaced are redone;
+    a file made with other settings is an error."""
     if not path.exists():
         return False
     try:
@@ -484,6 +496,9 @@ def _cached(path, meta):
             found = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for truncated or garbled files
         print(f"{path}: unreadable ({type(e).__name__}), encoding it again")
+        return False
+    if "source_sha256" in meta and found.get("source_sha256") != meta["source_sha256"]:
+        print(f"{path}: its video {meta['source']} has changed since, encoding it again")
         return False
     differ = {k: (found.get(k), v) for k, v in meta.items() if found.get(k) != v}
     if differ:

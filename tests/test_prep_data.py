@@ -1,6 +1,7 @@
 """prep_data.py commands and datasets: prompts, check, the latent/text cache with tiny encoders, the dataset classes,
 the sampler, and the synthetic data."""
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -214,11 +215,21 @@ def test_cache_shapes_metadata_dedup_and_bitwise(tmp_path, demo_dir):
         direct = vae.encode(x)[0].to(torch.bfloat16)
     assert torch.equal(item["latents"], direct)
     tensors, meta = read_safetensors(manifest.parent / "latents" / "robot_001_000004.safetensors")
+    video = data / "videos" / "robot_001.mp4"
     assert meta == {"source": "robot_001.mp4", "start_frame": "4", "num_frames": "9", "fps": "16.0",
-                    "source_size": "32x48", "video_size": "16x24", "resize": "stretch", "vae": "tiny-vae"}
+                    "source_size": "32x48", "video_size": "16x24", "resize": "stretch", "vae": "tiny-vae",
+                    "source_sha256": hashlib.sha256(video.read_bytes()).hexdigest()}
     # a second run finds everything done and encodes nothing
     vae2, te2 = TinyVAE(), TinyTextEncoder()
     assert build_cache(data, vae2, te2, **CACHE_ARGS) == manifest and vae2.calls == 0 and te2.seen == []
+    # a video replaced under the same name (same length and size): its clips, and only they, are encoded again
+    write_video(video, 255 - read_video(video)[0], 16)
+    vae3, te3 = TinyVAE(), TinyTextEncoder()
+    assert build_cache(data, vae3, te3, **CACHE_ARGS) == manifest and vae3.calls == 3 and te3.seen == []
+    frames, _ = read_video(video, 4, 9)
+    with torch.inference_mode():
+        direct = vae3.encode(frames_to_tensor(resize_frames(frames, (16, 24)))[None])[0].to(torch.bfloat16)
+    assert torch.equal(CachedDataset(manifest.parent)[4]["latents"], direct)
 
 
 def test_cache_resumes_and_distrusts_partial_files(tmp_path, demo_dir):
