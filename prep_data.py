@@ -278,13 +278,14 @@ def parse_size(text):
 
 
 def write_prompts(dataset_path, prompt, overwrite=False):
-    """Write `prompt` to metas/<name>.txt for every video; an existing caption is kept unless `overwrite`."""
+    """Write `prompt` to metas/<name>.txt for every video; an existing caption is kept unless `overwrite` (an empty
+    file holds none: it is filled, as `cache` and `check` ask)."""
     videos = list_videos(dataset_path)
     (Path(dataset_path) / "metas").mkdir(exist_ok=True)
     written = 0
     for video in videos:
         path = caption_path(video)
-        if path.exists() and not overwrite:
+        if path.exists() and path.read_text(encoding="utf-8").strip() and not overwrite:
             print(f"skipped {path} (exists; --overwrite replaces it)")
             continue
         path.write_text(prompt, encoding="utf-8")
@@ -829,10 +830,11 @@ def shapes_clip(rng, num_frames=17, size=(64, 64)):
 
 def write_synthetic_dataset(out, kind="robot", num_videos=8, num_frames=17, size=(64, 64), fps=16, seed=0):
     """Write `num_videos` clips to <out>/videos/*.mp4 and their captions to <out>/metas/*.txt, deterministic
-    from `seed`. Refuses to write into a dataset that already has videos."""
+    from `seed`. Refuses to write into a dataset that already has videos or captions."""
     out = Path(out)
-    if (out / "videos").is_dir() and any((out / "videos").iterdir()):
-        raise DataError(f"{out / 'videos'} already has files; choose another --out or delete it")
+    for folder in (out / "videos", out / "metas"):
+        if folder.is_dir() and any(folder.iterdir()):
+            raise DataError(f"{folder} already has files; choose another --out or delete it")
     make = {"robot": robot_clip, "shapes": shapes_clip}[kind]
     rng = np.random.default_rng(seed)
     (out / "metas").mkdir(parents=True, exist_ok=True)

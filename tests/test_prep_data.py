@@ -92,6 +92,10 @@ def test_prompts_writes_missing_and_keeps_existing(tmp_path, demo_dir, capsys):
     (data / "metas" / "robot_000.txt").write_text("my own caption")
     main(["prompts", "--dataset_path", str(data), "--prompt", "new"])
     assert (data / "metas" / "robot_000.txt").read_text() == "my own caption"
+    (data / "metas" / "robot_001.txt").write_text(" \n")  # empty: nothing to keep
+    main(["prompts", "--dataset_path", str(data), "--prompt", "new"])
+    assert (data / "metas" / "robot_001.txt").read_text() == "new"
+    assert (data / "metas" / "robot_000.txt").read_text() == "my own caption"
     main(["prompts", "--dataset_path", str(data), "--prompt", "new", "--overwrite"])
     assert {p.read_text() for p in (data / "metas").glob("*.txt")} == {"new"}
     assert main(["prompts", "--dataset_path", str(tmp_path / "nowhere")]) == 2
@@ -506,6 +510,10 @@ def test_demo_dataset_files_and_determinism(tmp_path, capsys):
         assert np.abs(decoded.astype(int) - other).mean() > 10
     assert main(["demo", "--out", str(tmp_path / "a")]) == 2  # never writes over an existing dataset
     assert "already has files" in capsys.readouterr().err
+    (tmp_path / "b" / "metas").mkdir(parents=True)
+    (tmp_path / "b" / "metas" / "mine.txt").write_text("my caption")  # captions, no videos yet
+    assert main(["demo", "--out", str(tmp_path / "b")]) == 2
+    assert f"{tmp_path / 'b' / 'metas'} already has files" in capsys.readouterr().err
 
 
 def near_teal(frames):
