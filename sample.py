@@ -631,7 +631,8 @@ def build_parser():
     what = p.add_argument_group("what to generate")
     what.add_argument("--prompt", help="the text prompt (one sample; or use -i)")
     src = what.add_mutually_exclusive_group()
-    src.add_argument("--image", help="Image2World: condition on this image (1 latent frame)")
+    src.add_argument("--image", help="Image2World: condition on this image (1 latent frame); given a video, on its "
+                                     "last frame, as the reference does")
     src.add_argument("--video", help="Video2World: condition on the last 5 frames of this video (2 latent frames)")
     what.add_argument("-i", "--input", help="a JSON batch in the reference's format (inference_type, samples, ...)")
     what.add_argument("-o", "--output", required=True, help="output .mp4 (one sample) or folder (a batch)")
