@@ -263,6 +263,20 @@ def dataset_captions(videos):
     return captions
 
 
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def clip_length(text):
+    value = int(text)
+    if value < 1 or (value - 1) % 4:
+        raise argparse.ArgumentTypeError(f"must be 1 + 4k for the 4x temporal VAE (93, 29, 17, ...), got {value}")
+    return value
+
+
 def parse_size(text):
     """'704,1280' -> (704, 1280)."""
     try:
@@ -285,7 +299,7 @@ def write_prompts(dataset_path, prompt, overwrite=False):
     written = 0
     for video in videos:
         path = caption_path(video)
-        if path.exists() and path.read_text(encoding="utf-8").strip() and not overwrite:
+        if not overwrite and path.exists() and path.read_bytes().strip():
             print(f"skipped {path} (exists; --overwrite replaces it)")
             continue
         path.write_text(prompt, encoding="utf-8")
@@ -378,7 +392,7 @@ class Clip:
     fps: float
     source_size: tuple  # (H, W) of the video file
     caption: str
-    source_sha256: str  # of the video file: a video replaced under the same name is encoded again
+    source_digest: str  # of the video file (video_digest): a video replaced under the same name is encoded again
 
 
 @dataclass
@@ -405,7 +419,7 @@ class CachePlan:
         return {"source": clip.video.name, "start_frame": str(clip.start), "num_frames": str(self.num_frames),
                 "fps": repr(clip.fps), "source_size": "{}x{}".format(*clip.source_size),
                 "video_size": "{}x{}".format(*self.video_size), "resize": self.resize, "vae": self.vae_id,
-                "source_sha256": clip.source_sha256}
+                "source_digest": clip.source_digest}
 
     def text_meta(self, caption):
         return {"caption": caption, "text_encoder": self.text_encoder_id}
@@ -444,6 +458,13 @@ def weights_id(path):
     return f"{path} ({sum(s.st_size for s in stats)} bytes, modified {max(s.st_mtime_ns for s in stats)} ns)"
 
 
+def read_manifest(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable manifest ({e}); run the cache command again") from None
+
+
 def plan_cache(dataset_path, vae_id, text_encoder_id, num_frames=93, video_size=(704, 1280), resize="stretch",
                clips_per_video=None, stride=None):
     """List every clip and unique caption to cache; fails on short videos and missing captions, naming them."""
@@ -464,32 +485,36 @@ def plan_cache(dataset_path, vae_id, text_encoder_id, num_frames=93, video_size=
         starts = clip_starts(info.num_frames, num_frames, clips_per_video, stride)
         if not starts:
             short.append(f"{video} ({info.num_frames} frames)")
-        digest = file_sha256(video) if starts else ""
+        digest = video_digest(video) if starts else ""
         clips += [Clip(video, s, info.fps, (info.height, info.width), caption, digest) for s in starts]
     if short:
         raise DataError(f"videos shorter than one clip of {num_frames} frames: {', '.join(short)}")
     tag = f"{num_frames}f_{video_size[0]}x{video_size[1]}_{resize}"
     choice = f"clips_per_video={clips_per_video}" if clips_per_video is not None else f"stride={stride or num_frames}"
     manifest = Path(dataset_path) / "cache" / tag / "manifest.json"
-    if manifest.is_file() and (made := json.loads(manifest.read_text())["clip_choice"]) != choice:
+    if manifest.is_file() and (made := read_manifest(manifest)["clip_choice"]) != choice:
         raise DataError(f"{manifest.parent} holds the clips of {made}, not {choice}: a run training on it would "
                         f"change dataset under it. Move the folder away to cache with {choice}")
     return CachePlan(Path(dataset_path), Path(dataset_path) / "cache" / tag, num_frames, tuple(video_size), resize,
                      choice, vae_id, text_encoder_id, clips, sorted(set(captions)))
 
 
-def file_sha256(path):
-    digest = hashlib.sha256()
+def video_digest(path):
+    """Identity of a video file that survives copies: its size and the hashes of its first and last MiB (an mp4's
+    index sits at one end, so a re-encoded video differs there). Cheap enough for every cache run."""
+    size = Path(path).stat().st_size
+    digest = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
+        digest.update(f.read(1 << 20))
+        f.seek(max(size - (1 << 20), 0))
+        digest.update(f.read(1 << 20))
+    return digest.hexdigest()[:16]
 
 
 def _cached(path, meta):
     """True when `path` is a complete cache file made with the same settings from the same source video. Unreadable
     files (a partial write by another tool, a disk that filled up) and latents of a video since replaced are redone;
-    a file made with other settings is an error."""
+    a file made with other settings is an error. Latents from before source digests were recorded are trusted."""
     if not path.exists():
         return False
     try:
@@ -498,13 +523,13 @@ def _cached(path, meta):
     except Exception as e:  # safetensors raises its own error types for truncated or garbled files
         print(f"{path}: unreadable ({type(e).__name__}), encoding it again")
         return False
-    if "source_sha256" in meta and found.get("source_sha256") != meta["source_sha256"]:
-        print(f"{path}: its video {meta['source']} has changed since, encoding it again")
-        return False
-    differ = {k: (found.get(k), v) for k, v in meta.items() if found.get(k) != v}
+    differ = {k: (found.get(k), v) for k, v in meta.items() if found.get(k) != v and k != "source_digest"}
     if differ:
         diff = ", ".join(f"{k}: {a!r} in the file, {b!r} now" for k, (a, b) in differ.items())
         raise DataError(f"{path} was made with other settings ({diff}); move the cache folder away to rebuild it")
+    if found.get("source_digest", meta.get("source_digest")) != meta.get("source_digest"):
+        print(f"{path}: its video {meta['source']} has changed since, encoding it again")
+        return False
     return True
 
 
@@ -638,7 +663,7 @@ class CachedDataset(torch.utils.data.Dataset):
         path = self.cache_dir / "manifest.json"
         if not path.is_file():
             raise DataError(f"{path}: no manifest; the cache is missing or unfinished (run `prep_data.py cache`)")
-        self.manifest = json.loads(path.read_text())
+        self.manifest = read_manifest(path)
         self.clips = self.manifest["clips"]
         missing = [c[k] for c in self.clips for k in ("latents", "text_emb") if not (self.cache_dir / c[k]).exists()]
         if missing:
@@ -927,7 +952,8 @@ def build_parser():
     def dataset_args(p, clip=True):
         p.add_argument("--dataset_path", required=True, help="dataset folder holding videos/ and metas/")
         if clip:
-            p.add_argument("--num_frames", type=int, default=93, help="frames per training clip (default 93)")
+            p.add_argument("--num_frames", type=clip_length, default=93,
+                           help="frames per training clip, 1 + 4k (default 93)")
             p.add_argument("--video_size", type=parse_size, default=(704, 1280), metavar="H,W",
                            help="training resolution (default 704,1280)")
 
@@ -957,8 +983,9 @@ def build_parser():
     p.add_argument("--vae", required=True, help="Wan2.1 VAE weights (tokenizer.pth)")
     p.add_argument("--text_encoder", required=True, help="Cosmos-Reason1-7B folder (safetensors + tokenizer.json)")
     choice = p.add_mutually_exclusive_group()
-    choice.add_argument("--clips_per_video", type=int, help="N windows per video, evenly spaced first to last")
-    choice.add_argument("--stride", type=int, help="a window every S frames (default: num_frames)")
+    choice.add_argument("--clips_per_video", type=positive_int,
+                        help="N windows per video, evenly spaced first to last")
+    choice.add_argument("--stride", type=positive_int, help="a window every S frames (default: num_frames)")
     p.add_argument("--resize", choices=RESIZE_MODES, default="stretch",
                    help="stretch: straight to H,W like the reference (default); crop: keep aspect, center crop")
     p.add_argument("--max_items", type=int, help="stop after this many files (to test resuming)")
@@ -984,7 +1011,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as e:  # bad input (DataError: a file or folder; else a value): the message says which
+    except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -456,8 +456,9 @@ def checkpoint_alpha(ckpt, rank):
         recorded = json.loads(meta.read_text())
         if recorded.get("lora_rank") == rank and "lora_alpha" in recorded:
             return recorded["lora_alpha"]
-    print(f"{ckpt}: the alpha of its rank-{rank} adapter is not recorded beside it (no meta.json from train.py); "
-          f"taking alpha = rank (scale 1). If the run used another alpha, pass its config with --config")
+    print(f"{ckpt}: the alpha of its rank-{rank} adapter is not recorded beside it (no meta.json from train.py, or "
+          f"one of another rank); taking alpha = rank (scale 1). If the run used another alpha, pass its config "
+          f"with --config")
     return rank
 
 

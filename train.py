@@ -301,15 +301,15 @@ def shard_model(model):
 
 def take_data_settings_from_cache():
     """With cache_dir the cache is the data: num_frames, video_size (validation samples at that size too) and
-    dataset_dir (the cache is <dataset>/cache/<tag>) come from it. Set in the config to other values, they are an
-    error: the run would record other data than it trains on."""
+    dataset_dir come from its manifest. Set in the config to other values, they are an error: the run would record
+    other data than it trains on."""
     global num_frames, video_size, dataset_dir
     manifest = Path(cache_dir) / "manifest.json"
     if not manifest.is_file():
         raise SystemExit(f"cache_dir {cache_dir} has no manifest.json (run `prep_data.py cache` first)")
     made = json.loads(manifest.read_text())
     found = {"num_frames": made["num_frames"], "video_size": tuple(made["video_size"]),
-             "dataset_dir": Path(cache_dir).resolve().parent.parent}
+             "dataset_dir": Path(made["dataset"])}
     now = {"num_frames": num_frames, "video_size": video_size, "dataset_dir": Path(dataset_dir).resolve()}
     differ = [f"{k}={now[k]!s} (the cache has {found[k]!s})" for k in found if k in _set_keys and found[k] != now[k]]
     if differ:
@@ -414,8 +414,8 @@ def save_checkpoint(run_dir, model, optimizer, scheduler, ema, step, rank, meta)
     dcp.save(checkpoint_state(model, optimizer, scheduler, ema, step), checkpoint_id=str(partial))
     dist.barrier()
     if rank == 0:
-        (partial / "meta.json").write_text(json.dumps(meta, indent=2))
-        os.rename(partial, final)  # checked free at the start (check_no_later_checkpoints); fails if not
+        (partial / "meta.json").write_text(json.dumps({**meta, "iteration": step}, indent=2))
+        os.rename(partial, final)  # checked free at the start (check_resumable); fails if not
         latest_tmp = ckpt_root / "latest_checkpoint.txt.tmp"
         latest_tmp.write_text(final.name + "\n")
         os.replace(latest_tmp, ckpt_root / "latest_checkpoint.txt")
@@ -446,40 +446,46 @@ def checkpoint_folders(run_dir):
     return {int(p.name[5:]): p for p in (run_dir / "checkpoints").glob("iter_?????????")}
 
 
-def check_no_later_checkpoints(run_dir, step):
-    """Training on from `step` writes iter_<step + k> folders: none may exist (they would be written over)."""
-    later = sorted(p.name for it, p in checkpoint_folders(run_dir).items() if it > step)
+def is_complete(path):
+    """save_checkpoint renames a folder to iter_<N> only once the DCP files and meta.json are all written."""
+    return (path / ".metadata").is_file() and (path / "meta.json").is_file()
+
+
+def find_resume_checkpoint(run_dir):
+    """resume=<folder>, else the run's newest complete checkpoint (latest_checkpoint.txt names it, unless the run
+    stopped between the folder's rename and that file's update)."""
+    if resume:
+        path = Path(resume)
+        if not is_complete(path):
+            raise SystemExit(f"resume={resume}: not a checkpoint folder train.py wrote (no .metadata or meta.json)")
+        return path
+    complete = [p for _, p in sorted(checkpoint_folders(run_dir).items()) if is_complete(p)]
+    return complete[-1] if complete else None
+
+
+def check_resumable(run_dir, path, meta):
+    """Before any heavy work: the checkpoint's adapter must be this run's (shape and scale), and training on from
+    its iteration must write no folder that exists already (iter_<N> folders are never written over)."""
+    start = 0
+    if path is not None:
+        saved_meta = json.loads((path / "meta.json").read_text())
+        for key in ("dit_preset", "base_fingerprint", "use_lora", "lora_rank", "lora_alpha", "lora_target_modules"):
+            if saved_meta.get(key) != meta.get(key):
+                raise SystemExit(f"checkpoint {path} was made with {key}={saved_meta.get(key)!r}, this run has "
+                                 f"{meta.get(key)!r}")
+        # checkpoints written before meta.json held the iteration: their folder name does
+        start = saved_meta.get("iteration", int(path.name[5:]) if path.name[5:].isdigit() else 0)
+    later = sorted(p.name for it, p in checkpoint_folders(run_dir).items() if it > start)
     if later:
-        raise SystemExit(f"{run_dir / 'checkpoints'} already has {', '.join(later)}, after iteration {step} where "
+        raise SystemExit(f"{run_dir / 'checkpoints'} already has {', '.join(later)}, after iteration {start} where "
                          f"this run starts: going on would write over them. Resume into a new run (name=...), "
                          f"or move them away")
 
 
-def find_resume_checkpoint(run_dir):
-    if resume:
-        path = Path(resume)
-        if not (path / ".metadata").is_file():
-            raise SystemExit(f"resume={resume}: not a DCP checkpoint folder (no .metadata)")
-        return path
-    latest = run_dir / "checkpoints" / "latest_checkpoint.txt"
-    if latest.is_file():
-        path = latest.parent / latest.read_text().strip()
-        if not (path / ".metadata").is_file():
-            raise SystemExit(f"{latest} names {path}, which is not a complete checkpoint")
-        return path
-    return None
-
-
 def load_checkpoint(path, model, optimizer, scheduler, ema, meta):
-    """Restore a checkpoint into this run. The adapter's shape and scale must match; the settings that a resumed run
-    may change (the learning rate after a divergence, say) take effect, and each change is printed."""
-    if not (path / "meta.json").is_file():
-        raise SystemExit(f"checkpoint {path} has no meta.json: not a folder train.py wrote")
+    """Restore a checkpoint (checked by check_resumable) into this run. The settings that a resumed run may change
+    (the learning rate after a divergence, say) take effect, and each change is printed."""
     saved_meta = json.loads((path / "meta.json").read_text())
-    for key in ("dit_preset", "base_fingerprint", "use_lora", "lora_rank", "lora_alpha", "lora_target_modules"):
-        if saved_meta.get(key) != meta.get(key):
-            raise SystemExit(f"checkpoint {path} was made with {key}={saved_meta.get(key)!r}, this run has "
-                             f"{meta.get(key)!r}")
     state = checkpoint_state(model, optimizer, scheduler, ema, 0)
     dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
@@ -585,8 +591,16 @@ def main(argv):
     if offload_block_inputs and device.type != "cuda":
         raise SystemExit(f"offload_block_inputs=True copies block inputs between the GPU and pinned host memory: it "
                          f"needs a CUDA device (got {device})")
+    meta = {"dit_preset": dit_preset, "base_checkpoint": str(Path(base_checkpoint).resolve()) if base_checkpoint
+            else "", "base_fingerprint": file_fingerprint(base_checkpoint) if base_checkpoint else "random:"
+            f"{seed}", "use_lora": use_lora, "lora_rank": lora_rank, "lora_alpha": lora_alpha,
+            "lora_target_modules": lora_target_modules, "config": config}
+    resume_from = find_resume_checkpoint(run_dir)
+    check_resumable(run_dir, resume_from, meta)
     if rank == 0:
         print(json.dumps(config, indent=2, default=str))
+        run_dir.mkdir(parents=True, exist_ok=True)  # after the checks: a refused run leaves its folder as it was
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
 
     validation = load_validation(device)
     model = build_model(device)
@@ -598,23 +612,14 @@ def main(argv):
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier)
     ema = {n: p.detach().clone().float() for n, p in zip(names, trainable)}
-    meta = {"dit_preset": dit_preset, "base_checkpoint": str(Path(base_checkpoint).resolve()) if base_checkpoint
-            else "", "base_fingerprint": file_fingerprint(base_checkpoint) if base_checkpoint else "random:"
-            f"{seed}", "use_lora": use_lora, "lora_rank": lora_rank, "lora_alpha": lora_alpha,
-            "lora_target_modules": lora_target_modules, "config": config}
 
     step = 0
-    resume_from = find_resume_checkpoint(run_dir)
     if resume_from is not None:
         step = load_checkpoint(resume_from, model, optimizer, scheduler, ema, meta)
         if rank == 0:
             print(f"resumed from {resume_from} at iteration {step}")
-    check_no_later_checkpoints(run_dir, step)
     if step >= max_iter and rank == 0:
         print(f"iteration {step} has reached max_iter={max_iter}: nothing to train (raise max_iter to go on)")
-    if rank == 0:  # after the checks, so that a refused run leaves the run folder as it was
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
 
     data = build_data(dp_rank, dp_size, device, start_position=step * batch_size * dp_size)
     run = None

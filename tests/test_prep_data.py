@@ -1,7 +1,6 @@
 """prep_data.py commands and datasets: prompts, check, the latent/text cache with tiny encoders, the dataset classes,
 the sampler, and the synthetic data."""
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -222,7 +222,7 @@ def test_cache_shapes_metadata_dedup_and_bitwise(tmp_path, demo_dir):
     video = data / "videos" / "robot_001.mp4"
     assert meta == {"source": "robot_001.mp4", "start_frame": "4", "num_frames": "9", "fps": "16.0",
                     "source_size": "32x48", "video_size": "16x24", "resize": "stretch", "vae": "tiny-vae",
-                    "source_sha256": hashlib.sha256(video.read_bytes()).hexdigest()}
+                    "source_digest": prep_data.video_digest(video)}
     # a second run finds everything done and encodes nothing
     vae2, te2 = TinyVAE(), TinyTextEncoder()
     assert build_cache(data, vae2, te2, **CACHE_ARGS) == manifest and vae2.calls == 0 and te2.seen == []
@@ -234,6 +234,12 @@ def test_cache_shapes_metadata_dedup_and_bitwise(tmp_path, demo_dir):
     with torch.inference_mode():
         direct = vae3.encode(frames_to_tensor(resize_frames(frames, (16, 24)))[None])[0].to(torch.bfloat16)
     assert torch.equal(CachedDataset(manifest.parent)[4]["latents"], direct)
+    # a cache from before digests were recorded is trusted, not encoded again
+    latents = manifest.parent / "latents" / "robot_001_000004.safetensors"
+    tensors, meta = read_safetensors(latents)
+    save_file(tensors, latents, metadata={k: v for k, v in meta.items() if k != "source_digest"})
+    vae4 = TinyVAE()
+    assert build_cache(data, vae4, TinyTextEncoder(), **CACHE_ARGS) == manifest and vae4.calls == 0
 
 
 def test_cache_resumes_and_distrusts_partial_files(tmp_path, demo_dir):
@@ -339,12 +345,12 @@ def test_cache_command_frees_the_text_encoder_before_building_the_vae(tmp_path, 
     assert "empty: no model weights there" in capsys.readouterr().err
     # bad values: a message, no traceback, no model built
     built = list(events)
-    for bad, message in ((["--num_frames", "16"], "num_frames must be 1 + 4k for the 4x temporal VAE, got 16"),
-                         (["--clips_per_video", "0"], "clips_per_video must be >= 1, got 0")):
-        assert main(args[:7] + bad) == 2
-        assert message in capsys.readouterr().err
-    assert main(args[:7] + ["--num_frames", "9", "--stride", "0"]) == 2
-    assert "stride must be >= 1, got 0" in capsys.readouterr().err
+    for bad, message in ((["--num_frames", "16"], "argument --num_frames: must be 1 + 4k for the 4x temporal VAE"),
+                         (["--clips_per_video", "0"], "argument --clips_per_video: must be >= 1, got 0"),
+                         (["--stride", "0"], "argument --stride: must be >= 1, got 0")):
+        with pytest.raises(SystemExit) as exit_code:
+            main(args[:7] + bad)
+        assert exit_code.value.code == 2 and message in capsys.readouterr().err
     # the same folder with other clips would change the data of a run training on it
     assert main(args[:7] + ["--num_frames", "9", "--video_size", "16,24", "--stride", "4"]) == 2
     assert "9f_16x24_stretch holds the clips of clips_per_video=2, not stride=4" in capsys.readouterr().err

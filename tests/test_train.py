@@ -236,6 +236,9 @@ def test_checkpoints_are_never_written_over_and_rotation_keeps_exports(cache, tm
     assert f"{checkpoints} already has iter_000000006, after iteration 4 where this run starts" in refused.stderr
     assert (tmp_path / "run" / "config.json").read_text() == config_before
     assert (ckpt(tmp_path, 6) / ".metadata").is_file()
+    # stopped between a checkpoint's rename and latest_checkpoint.txt's update: the newest complete one is resumed
+    (checkpoints / "latest_checkpoint.txt").write_text("iter_000000004\n")
+    assert f"resumed from {ckpt(tmp_path, 6)} at iteration 6" in run_train(tmp_path, cache, "max_iter=6").stdout
     # into a new run it goes on
     branched = run_train(tmp_path, cache, f"resume='{ckpt(tmp_path, 4)}'", "name='branch'", "max_iter=6",
                          "save_iter=2")
