@@ -178,6 +178,10 @@ def find_checkpoint(path):
     if path.name == "model" and not path.exists() and (path.parent / ".metadata").is_file():
         path = path.parent  # our checkpoints keep every section in the iteration folder itself
     if not (path / ".metadata").is_file():
+        if (path / "meta.json").is_file():  # train.py's keep_last rotation keeps exported files and meta.json
+            kept = ", ".join(sorted(f.name for f in path.iterdir() if f.name != "meta.json"))
+            raise ValueError(f"{path}: its training state was deleted by train.py's keep_last rotation; the files "
+                             f"exported from it stay there ({kept})")
         latest = path / "latest_checkpoint.txt"
         hint = f"; the latest one here is {path / latest.read_text().strip()}" if latest.is_file() else ""
         raise ValueError(f"{path} is not a DCP checkpoint folder (no .metadata); expected a train.py checkpoint "

@@ -326,6 +326,12 @@ def test_not_a_checkpoint_folder_fails_on_the_command_line(tmp_path):
     result = subprocess.run([sys.executable, "convert.py", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
     assert result.returncode != 0
     assert f"{tmp_path} is not a DCP checkpoint folder" in result.stderr and "Traceback" not in result.stderr
+    # a folder whose training state train.py's rotation deleted, keeping the exports
+    (tmp_path / "meta.json").write_text("{}")
+    (tmp_path / "model_ema_bf16.pt").write_bytes(b"an export")
+    result = subprocess.run([sys.executable, "convert.py", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    assert (f"{tmp_path}: its training state was deleted by train.py's keep_last rotation; the files exported from "
+            f"it stay there (model_ema_bf16.pt)") in result.stderr
 
 
 def test_base_of_another_model_size(lora_ckpt, tmp_path):
