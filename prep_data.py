@@ -392,7 +392,7 @@ class Clip:
     fps: float
     source_size: tuple  # (H, W) of the video file
     caption: str
-    source_digest: str  # of the video file (video_digest): a video replaced under the same name is encoded again
+    source_digest: str  # train.file_fingerprint of the video: one replaced under the same name is encoded again
 
 
 @dataclass
@@ -467,7 +467,10 @@ def read_manifest(path):
 
 def plan_cache(dataset_path, vae_id, text_encoder_id, num_frames=93, video_size=(704, 1280), resize="stretch",
                clips_per_video=None, stride=None):
-    """List every clip and unique caption to cache; fails on short videos and missing captions, naming them."""
+    """List every clip and unique caption to cache; fails on short videos and missing captions, naming them. Each
+    clip records its video's fingerprint (size, first and last MiB: an mp4's index sits at one end, so a re-encoded
+    video differs there; it survives copies and is cheap on every run)."""
+    from train import file_fingerprint
     if clips_per_video is not None and stride is not None:
         raise ValueError("give clips_per_video or stride, not both")
     for key, value in (("clips_per_video", clips_per_video), ("stride", stride)):
@@ -485,7 +488,7 @@ def plan_cache(dataset_path, vae_id, text_encoder_id, num_frames=93, video_size=
         starts = clip_starts(info.num_frames, num_frames, clips_per_video, stride)
         if not starts:
             short.append(f"{video} ({info.num_frames} frames)")
-        digest = video_digest(video) if starts else ""
+        digest = file_fingerprint(video) if starts else ""
         clips += [Clip(video, s, info.fps, (info.height, info.width), caption, digest) for s in starts]
     if short:
         raise DataError(f"videos shorter than one clip of {num_frames} frames: {', '.join(short)}")
@@ -497,18 +500,6 @@ def plan_cache(dataset_path, vae_id, text_encoder_id, num_frames=93, video_size=
                         f"change dataset under it. Move the folder away to cache with {choice}")
     return CachePlan(Path(dataset_path), Path(dataset_path) / "cache" / tag, num_frames, tuple(video_size), resize,
                      choice, vae_id, text_encoder_id, clips, sorted(set(captions)))
-
-
-def video_digest(path):
-    """Identity of a video file that survives copies: its size and the hashes of its first and last MiB (an mp4's
-    index sits at one end, so a re-encoded video differs there). Cheap enough for every cache run."""
-    size = Path(path).stat().st_size
-    digest = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        digest.update(f.read(1 << 20))
-        f.seek(max(size - (1 << 20), 0))
-        digest.update(f.read(1 << 20))
-    return digest.hexdigest()[:16]
 
 
 def _cached(path, meta):

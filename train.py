@@ -253,7 +253,8 @@ def context_parallel_group(rank, world_size):
 
 
 def file_fingerprint(path):
-    """Cheap identity of a (multi-GB) base checkpoint: size plus hashes of its first and last MiB."""
+    """Cheap identity of a large file (a multi-GB base checkpoint, a video): size plus hashes of its first and last
+    MiB."""
     path = Path(path)
     h = hashlib.sha256(str(path.stat().st_size).encode())
     with open(path, "rb") as f:
@@ -304,10 +305,15 @@ def take_data_settings_from_cache():
     dataset_dir come from its manifest. Set in the config to other values, they are an error: the run would record
     other data than it trains on."""
     global num_frames, video_size, dataset_dir
+    from prep_data import DataError, read_manifest
+
     manifest = Path(cache_dir) / "manifest.json"
     if not manifest.is_file():
         raise SystemExit(f"cache_dir {cache_dir} has no manifest.json (run `prep_data.py cache` first)")
-    made = json.loads(manifest.read_text())
+    try:
+        made = read_manifest(manifest)
+    except DataError as e:
+        raise SystemExit(str(e)) from None
     found = {"num_frames": made["num_frames"], "video_size": tuple(made["video_size"]),
              "dataset_dir": Path(made["dataset"])}
     now = {"num_frames": num_frames, "video_size": video_size, "dataset_dir": Path(dataset_dir).resolve()}

@@ -24,6 +24,7 @@ import prep_data  # noqa: E402
 from prep_data import (TEAL, CachedDataset, CachedSampler, DataError, VideoDataset, build_cache,  # noqa: E402
                        clip_starts, frames_to_tensor, main, read_video, resize_frames, robot_clip, shapes_clip,
                        video_info, write_synthetic_dataset, write_video)
+from train import file_fingerprint  # noqa: E402
 
 
 # ---- tiny stand-ins for WanVAE and TextEncoder (model.py has neither yet): same call contracts, few weights ----
@@ -222,7 +223,7 @@ def test_cache_shapes_metadata_dedup_and_bitwise(tmp_path, demo_dir):
     video = data / "videos" / "robot_001.mp4"
     assert meta == {"source": "robot_001.mp4", "start_frame": "4", "num_frames": "9", "fps": "16.0",
                     "source_size": "32x48", "video_size": "16x24", "resize": "stretch", "vae": "tiny-vae",
-                    "source_digest": prep_data.video_digest(video)}
+                    "source_digest": file_fingerprint(video)}
     # a second run finds everything done and encodes nothing
     vae2, te2 = TinyVAE(), TinyTextEncoder()
     assert build_cache(data, vae2, te2, **CACHE_ARGS) == manifest and vae2.calls == 0 and te2.seen == []
