@@ -26,6 +26,14 @@ import torch.utils.checkpoint
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from safetensors import safe_open
 from tokenizers import Tokenizer
+
+import kernels  # this repository's Triton kernels; each submodule loads where it runs (Triton is heavy)
+
+if Path(kernels.__file__).resolve().parent != Path(__file__).resolve().parent / "kernels":
+    raise ImportError(f"'kernels' is {kernels.__file__}, not {Path(__file__).parent / 'kernels'}: another package of "
+                      "that name (PyPI's `kernels`, which transformers imports) was imported first. Load transformers "
+                      "through tests/oracles.py's bind_oracles() before this file (see the README).")
+
 # ----------------------------------------------------------------------------------------------------------------
 # 1. DiT
 # ----------------------------------------------------------------------------------------------------------------

@@ -31,7 +31,10 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tokenizers import Tokenizer
 from tqdm import tqdm
+
+from model import TextEncoder, WanVAE, qwen_chat_text
 
 MAX_TEXT_TOKENS = 512  # the text encoder pads or truncates every prompt to this many tokens
 
@@ -315,8 +318,6 @@ def write_prompts(dataset_path, prompt, overwrite=False):
 
 def load_tokenizer(path):
     """A Hugging Face `tokenizer.json`, or a folder holding one (the text encoder's folder)."""
-    from tokenizers import Tokenizer
-
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
@@ -327,8 +328,6 @@ def load_tokenizer(path):
 
 def caption_tokens(tokenizer, caption):
     """Number of tokens the text encoder sees for `caption`, chat template included."""
-    from model import qwen_chat_text
-
     return len(tokenizer.encode(qwen_chat_text(caption)).ids)
 
 
@@ -896,7 +895,6 @@ def cmd_cache(args):
     captions, clips, stopped = take(args.max_items, *plan.todo(rank, world_size))
     print(f"rank {rank}/{world_size}: {len(plan.clips)} clips, {len(plan.captions)} unique captions in "
           f"{plan.cache_dir}; this rank encodes {len(captions)} caption(s) and {len(clips)} clip(s)")
-    from model import TextEncoder, WanVAE  # imported here: the other commands need no model code
 
     if captions:
         text_encoder = TextEncoder.from_pretrained(args.text_encoder, device=device)

@@ -30,10 +30,15 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
+from lora import inject_lora, mark_only_lora_trainable
+from model import DIT_PRESETS, DiT, TextEncoder, WanVAE
+from prep_data import CachedDataset, CachedSampler, DataError, VideoDataset, read_manifest
+
 # ----------------------------------------------------------------------------------------------------------------
 # Config: defaults (the reference recipe `predict2_lora_training_2b_cosmos_nemo_assets`), overridden by a file,
 # then by key=value arguments.
 # ----------------------------------------------------------------------------------------------------------------
+_not_settings = set(globals())  # the imports above
 name = "run"
 out_dir = "outputs"
 # model
@@ -92,15 +97,13 @@ val_num_frames = 29
 val_steps = 35
 val_guidance = 7.0
 
-CONFIG_KEYS = [k for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(
-    v, (int, float, str, bool, tuple, list, dict))]
+CONFIG_KEYS = [k for k, v in dict(globals()).items() if k not in _not_settings and not k.startswith("_")
+               and isinstance(v, (int, float, str, bool, tuple, list, dict))]
 _set_keys = set()  # the keys the config file or the command line set
 
 
 def load_config(argv):
     """Apply a config file (plain assignments) and key=value overrides to the module globals, strictly."""
-    from model import DIT_PRESETS
-
     choices = {"dit_preset": tuple(DIT_PRESETS), "dtype": ("bfloat16", "float32"),
                "attention_backend": ("triton", "sdpa"), "activation_checkpointing": ("none", "full", "selective")}
     minimum = {"max_iter": 0, "save_iter": 1, "logging_iter": 1, "keep_last": 0, "batch_size": 1, "num_workers": 0,
@@ -266,9 +269,6 @@ def file_fingerprint(path):
 
 def build_model(device):
     """The DiT with base weights loaded strictly (before LoRA is injected), LoRA in fp32, everything else frozen."""
-    from lora import inject_lora, mark_only_lora_trainable
-    from model import DIT_PRESETS, DiT
-
     cfg = dataclasses.replace(DIT_PRESETS[dit_preset], attention_backend=attention_backend)
     if base_checkpoint:
         model = DiT.from_pretrained(base_checkpoint, cfg=cfg, device=device, dtype=torch.float32)
@@ -305,8 +305,6 @@ def take_data_settings_from_cache():
     dataset_dir come from its manifest. Set in the config to other values, they are an error: the run would record
     other data than it trains on."""
     global num_frames, video_size, dataset_dir
-    from prep_data import DataError, read_manifest
-
     manifest = Path(cache_dir) / "manifest.json"
     if not manifest.is_file():
         raise SystemExit(f"cache_dir {cache_dir} has no manifest.json (run `prep_data.py cache` first)")
@@ -326,8 +324,6 @@ def take_data_settings_from_cache():
 
 def build_data(rank, world_size, device, start_position):
     """Batches of (latents [B,16,T,H,W], text embeddings [B,L,D]); from the cache, or encoded online."""
-    from prep_data import CachedDataset, CachedSampler, VideoDataset
-
     if cache_dir:
         dataset = CachedDataset(cache_dir)
         encode = None
@@ -365,8 +361,6 @@ class OnlineEncoder:
     (the frozen encoder is deterministic, so this equals encoding every step) and the text encoder is freed."""
 
     def __init__(self, dataset, device):
-        from model import TextEncoder, WanVAE
-
         if not vae_checkpoint or not text_encoder:
             raise SystemExit("online encoding needs vae_checkpoint and text_encoder (or set cache_dir)")
         encoder = TextEncoder.from_pretrained(text_encoder, device=device)

@@ -26,6 +26,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))
+from oracles import bind_oracles  # noqa: E402  (the peer and our code each get their own `kernels`)
+
+bind_oracles()
 import train  # noqa: E402
 from model import DIT_PRESETS  # noqa: E402
 

@@ -1,6 +1,10 @@
 import pytest
 import torch
 
+from oracles import bind_oracles
+
+bind_oracles()  # before any test module imports transformers, diffusers or peft (see oracles.py)
+
 
 @pytest.fixture
 def one_thread():
