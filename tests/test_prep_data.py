@@ -411,6 +411,7 @@ def test_cache_command_checks_its_inputs_before_any_work(tmp_path, demo_dir, mon
             (vae_file, tmp_path / "no_config", "16,32", f"--text_encoder {tmp_path / 'no_config'}: expected"),
             (vae_file, tmp_path / "llama", "16,32", "config.json: model_type is 'llama', not a Qwen2-family decoder"),
             (vae_file, text_encoder_dir, "60,64", "argument --video_size: H and W must be positive multiples of 16"),
+            (vae_file, text_encoder_dir, "16,24", "argument --video_size: H and W must be positive multiples of 16"),
             (vae_file, text_encoder_dir, "0,0", "argument --video_size: H and W must be positive multiples of 16")):
         args = ["cache", "--dataset_path", str(data), "--vae", str(vae), "--text_encoder", str(text_encoder),
                 "--num_frames", "9", "--video_size", video_size]
