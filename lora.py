@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,output_proj,mlp.layer1,mlp.layer2"
 FUSED_MAX_RANK = 64  # kernels/lora.py's MAX_RANK (not imported here: Triton loads only where the kernel runs)
-FUSED_DEVICE = "cuda"  # where the fused kernel runs (tests send CPU calls there too, see tests/test_dit.py)
+FUSED_DEVICE = "cuda"  # where the fused kernel runs (tests/test_kernels.py sends CPU calls there too)
 
 
 class LoRALinear(nn.Module):

@@ -619,15 +619,15 @@ def generate_to_file(net, path, vae, text_emb, neg_text_emb=None, num_frames=DEF
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def checked(convert, ok, expected):
-    """An argparse type: convert(text), refused unless ok(value), so argparse names the option (exit code 2)."""
+def checked(kind, ok, expected):
+    """An argparse type: kind(text), refused unless ok(value), so argparse names the option (exit code 2)."""
     def parse(text):
-        value = convert(text)
+        value = kind(text)
         if not ok(value):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
         return value
 
-    parse.__name__ = convert.__name__  # argparse's "invalid int value: 'x'"
+    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
     return parse
 
 
