@@ -40,11 +40,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from lora import inject_lora
 from model import (DIT_BOOKKEEPING_KEYS, DIT_PRESETS, DIT_ROPE_BUFFER_KEYS, DiT, DiTConfig, infer_dit_config,
                    load_checkpoint_file)
+from prep_data import write_safetensors
 from train import file_fingerprint
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -312,7 +312,7 @@ def save_torch(state_dict, path):
 
 
 def save_safetensors(tensors, path, metadata):
-    write_file(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", **metadata}))
+    write_file(path, lambda tmp: write_safetensors(tensors, tmp, {"format": "pt", **metadata}))
 
 
 def with_prefix(prefix, state_dict):
@@ -419,6 +419,18 @@ def read_adapter(path):
     return make_adapter(parts, alpha, metadata, path)
 
 
+def check_adapter_base(adapter, path, base, fingerprint, force):
+    """An adapter of ours records the fingerprint of the base it was trained on: another base is refused, or with
+    `force` taken with a warning (adapters of other tools record none)."""
+    recorded = adapter.metadata.get("base_fingerprint")
+    if recorded and recorded != fingerprint:
+        trained_on = adapter.metadata.get("base_checkpoint") or "a random init"
+        message = f"adapter {path} was trained on {trained_on} (fingerprint {recorded}), not on {base} ({fingerprint})"
+        if not force:
+            raise ValueError(f"{message}; pass --force to use it anyway")
+        print(f"warning: {message}; using it anyway (--force)")
+
+
 def adapter_to_diffusers(adapter):
     """-> (tensors, metadata) for diffusers' `load_lora_weights`: PEFT keys under `transformer.`, and the
     LoraConfig it builds (rank, alpha, the exact target modules) in `lora_adapter_metadata`."""
@@ -458,6 +470,15 @@ def convert_checkpoint(checkpoint, out_dir=None, base=None, force=False, overwri
     names += ["lora_ema_bf16.safetensors"] if use_lora else []
     names += ["lora_ema_bf16_diffusers.safetensors", "lora_ema_bf16_comfyui.safetensors"] if diffusers else []
     out = {name: out_dir / name for name in names}
+    if diffusers and not overwrite and all(out[name].exists() for name in names[:4]):
+        # --diffusers after a plain conversion: only the translations of its adapter file are missing
+        adapter = read_adapter(out["lora_ema_bf16.safetensors"])
+        if adapter.metadata.get("source_checkpoint") != str(checkpoint.resolve()):
+            raise FileExistsError(f"{out['lora_ema_bf16.safetensors']} was exported from "
+                                  f"{adapter.metadata.get('source_checkpoint')}, not from {checkpoint}; pass "
+                                  f"--overwrite to replace the files in {out_dir}")
+        refuse_existing([out[name] for name in names[4:]], overwrite)
+        return write_translations(adapter, out)
     refuse_existing(out.values(), overwrite)
 
     trained, ema = read_dcp(checkpoint, "model"), read_dcp(checkpoint, "ema")
@@ -486,11 +507,14 @@ def convert_checkpoint(checkpoint, out_dir=None, base=None, force=False, overwri
                   "source_checkpoint": str(checkpoint.resolve()), "iteration": str(read_iteration(checkpoint))}
     lora_keys = {k: bf16[k] for k in ema}
     save_safetensors(with_prefix("net.", lora_keys), out["lora_ema_bf16.safetensors"], provenance)
-    if diffusers:  # translations of the file just written
-        adapter = read_adapter(out["lora_ema_bf16.safetensors"])
-        tensors, metadata = adapter_to_diffusers(adapter)
-        save_safetensors(tensors, out["lora_ema_bf16_diffusers.safetensors"], metadata)
-        save_safetensors(adapter_to_comfyui(adapter), out["lora_ema_bf16_comfyui.safetensors"], provenance)
+    return write_translations(read_adapter(out["lora_ema_bf16.safetensors"]), out) if diffusers else out
+
+
+def write_translations(adapter, out):
+    """--diffusers: the adapter of lora_ema_bf16.safetensors in diffusers' and ComfyUI's layouts."""
+    tensors, metadata = adapter_to_diffusers(adapter)
+    save_safetensors(tensors, out["lora_ema_bf16_diffusers.safetensors"], metadata)
+    save_safetensors(adapter_to_comfyui(adapter), out["lora_ema_bf16_comfyui.safetensors"], adapter.metadata)
     return out
 
 
@@ -512,11 +536,7 @@ def merge(base, loras, output, force=False, overwrite=False):
     terms = {}  # weight key -> [(factor, A, B)]
     for path, scale in loras:
         adapter = read_adapter(path)
-        recorded = adapter.metadata.get("base_fingerprint")
-        if recorded and recorded != fingerprint and not force:
-            trained_on = adapter.metadata.get("base_checkpoint") or "a random init"
-            raise ValueError(f"adapter {path} was trained on {trained_on} (fingerprint {recorded}), not on {base} "
-                             f"({fingerprint}); pass --force to merge anyway")
+        check_adapter_base(adapter, path, base, fingerprint, force)
         for module, (A, B) in adapter.modules.items():
             key = module + ".weight"
             if key not in weights:
@@ -650,12 +670,19 @@ def export_diffusers(checkpoint, folder, overwrite=False):
 
 
 def parse_lora_arg(spec):
-    """'file[:scale]' -> (file, scale)."""
+    """--lora's argparse type, here and in sample.py: 'file[:scale]' -> (Path, scale); a file whose own name holds
+    ':' is taken whole."""
     path, sep, scale = spec.rpartition(":")
+    if not sep or not path or Path(spec).is_file():
+        path, scale = spec, "1"
     try:
-        return (path, float(scale)) if sep and path else (spec, 1.0)
+        scale = float(scale)
     except ValueError:
-        return spec, 1.0
+        raise argparse.ArgumentTypeError(f"{spec}: the scale after the last ':' must be a number, got {scale!r} "
+                                         f"(and there is no file {spec})") from None
+    if not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"{spec}: adapter file {path} does not exist")
+    return Path(path), scale
 
 
 def main(argv):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,output_proj,mlp.layer1,mlp.layer2"
 FUSED_MAX_RANK = 64  # kernels/lora.py's MAX_RANK (not imported here: Triton loads only where the kernel runs)
+FUSED_DEVICE = "cuda"  # where the fused kernel runs (tests/test_kernels.py sends CPU calls there too)
 
 
 class LoRALinear(nn.Module):
@@ -74,7 +75,7 @@ class LoRALinear(nn.Module):
         """Whether kernels/lora.py runs this call: CUDA, bf16/fp16 x and W, no bias or dropout, rank <= 64, and every
         width a multiple of 8 (its TMA rows are 16-byte aligned). Anything else runs in plain PyTorch."""
         rank = self.lora_A[name].weight.shape[0]
-        return (self.use_fused_kernel and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+        return (self.use_fused_kernel and x.device.type == FUSED_DEVICE and x.dtype in (torch.bfloat16, torch.float16)
                 and self.weight.dtype == x.dtype and self.bias is None and self.dropout[name] == 0.0
                 and rank <= FUSED_MAX_RANK and rank % 8 == 0 and self.in_features % 8 == 0
                 and self.out_features % 8 == 0)

@@ -708,6 +708,10 @@ def load_checkpoint_file(path, prefix=None):
     if not state_dict:
         sample = ", ".join(list(obj)[:5])
         raise ValueError(f"{path} has no keys under prefix {prefix!r} (first keys: {sample})")
+    others = sorted({k.split(".")[0] + "." for k in obj if not k.startswith(prefix)})
+    if others:  # convert.py's model.pt: regular weights under `net.`, EMA weights under `net_ema.`
+        print(f"{path}: taking the weights under {prefix!r}, not those under {', '.join(map(repr, others))} "
+              f"(the EMA weights of a training run are under 'net_ema.'; model_ema_*.pt holds them alone)")
     return state_dict
 
 
@@ -752,7 +756,10 @@ def infer_dit_config(state_dict, source="state dict"):
             if proj is not None and proj.shape[1] != cfg.crossattn_proj_in_channels:
                 cfg = replace(cfg, crossattn_proj_in_channels=proj.shape[1])
             return cfg
-    raise ValueError(f"{source}: shapes match no DiT preset ({', '.join(DIT_PRESETS)}); pass cfg explicitly")
+    if state_dict and all(".lora_" in k for k in state_dict):
+        raise ValueError(f"{source} holds LoRA adapter weights alone, no DiT: use it with --lora on a base "
+                         f"checkpoint (sample.py --ckpt BASE --lora {source})")
+    raise ValueError(f"{source}: shapes match no DiT preset ({', '.join(DIT_PRESETS)}): not a Cosmos-Predict2.5 DiT")
 
 # ----------------------------------------------------------------------------------------------------------------
 # 2. WanVAE

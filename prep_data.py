@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from model import TextEncoder, WanVAE, qwen_chat_text
+from model import TextEncoder, TextEncoderConfig, WanVAE, qwen_chat_text, read_tensor_file, wan_vae_config
 
 MAX_TEXT_TOKENS = 512  # the text encoder pads or truncates every prompt to this many tokens
 
@@ -218,6 +218,12 @@ def resize_frames(frames, size, mode="stretch"):
     return out
 
 
+def dtype_for(device):
+    """The dtype the networks run inference in: bf16 on the GPU, as the reference; fp32 on the CPU, where bf16
+    convolutions are many times slower."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def frames_to_tensor(frames, dtype=torch.float32):
     """uint8 [T,H,W,3] (numpy or torch, any device) -> [3,T,H,W] in [-1,1]. Cast first, then scale, in `dtype`,
     as the reference does (uint8.to(bf16) / 127.5 - 1)."""
@@ -289,6 +295,15 @@ def parse_size(text):
     return H, W
 
 
+def training_size(text):
+    """parse_size for the training resolution: multiples of 16, the VAE's 8x times the DiT's 2x2 patches."""
+    H, W = parse_size(text)
+    if H < 16 or W < 16 or H % 16 or W % 16:
+        raise argparse.ArgumentTypeError(f"H and W must be positive multiples of 16 (the VAE's 8x times the DiT's "
+                                         f"2x2 patches), got {text!r}")
+    return H, W
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 3. prompts: one caption file per video
 # ----------------------------------------------------------------------------------------------------------------
@@ -297,6 +312,8 @@ def parse_size(text):
 def write_prompts(dataset_path, prompt, overwrite=False):
     """Write `prompt` to metas/<name>.txt for every video; an existing caption is kept unless `overwrite` (an empty
     file holds none: it is filled, as `cache` and `check` ask)."""
+    if not prompt.strip():
+        raise DataError(f"--prompt {prompt!r} is empty: a caption must say what the videos show")
     videos = list_videos(dataset_path)
     (Path(dataset_path) / "metas").mkdir(exist_ok=True)
     written = 0
@@ -523,10 +540,21 @@ def _cached(path, meta):
     return True
 
 
+def write_safetensors(tensors, path, metadata=None):
+    """safetensors' save_file, but the file gets the mode of any new file (0644 under umask 022), not save_file's
+    0600: caches, latents and adapters are outputs to share."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    path.touch()
+    mode = path.stat().st_mode
+    save_file(tensors, path, metadata=metadata)
+    path.chmod(mode)
+
+
 def _save_atomic(tensors, path, meta):
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    save_file(tensors, partial, metadata=meta)
+    write_safetensors(tensors, partial, meta)
     os.replace(partial, path)
 
 
@@ -890,6 +918,16 @@ def cmd_cache(args):
     if device.type == "cuda":
         torch.cuda.set_device(device)  # or every rank would also open a context on GPU 0
     vae_id, text_encoder_id = weights_id(args.vae), weights_id(args.text_encoder)
+
+    # each file fits its role, checked before any work
+    if not (Path(args.text_encoder) / "config.json").is_file():
+        raise DataError(f"--text_encoder {args.text_encoder}: expected the text encoder's Hugging Face folder "
+                        f"(config.json, *.safetensors, tokenizer.json), found no config.json there")
+    try:
+        TextEncoderConfig.from_hf_config(Path(args.text_encoder) / "config.json")
+        wan_vae_config(read_tensor_file(args.vae, "--vae"), f"--vae {args.vae}")
+    except (ValueError, KeyError) as e:
+        raise DataError(e.args[0]) from None
     plan = plan_cache(args.dataset_path, vae_id, text_encoder_id, args.num_frames, args.video_size, args.resize,
                       args.clips_per_video, args.stride)
     captions, clips, stopped = take(args.max_items, *plan.todo(rank, world_size))
@@ -904,7 +942,8 @@ def cmd_cache(args):
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if clips:
-        vae = WanVAE.from_pretrained(args.vae, device=device)
+        print(f"rank {rank}: the VAE runs in {str(dtype_for(device)).removeprefix('torch.')} on {device}")
+        vae = WanVAE.from_pretrained(args.vae, device=device, dtype=dtype_for(device))
         encode_clips(plan, vae, clips, show_progress=rank == 0)
     if world_size > 1:  # gloo: a barrier between processes that needs no GPU collective
         torch.distributed.init_process_group("gloo")
@@ -943,7 +982,7 @@ def build_parser():
         if clip:
             p.add_argument("--num_frames", type=clip_length, default=93,
                            help="frames per training clip, 1 + 4k (default 93)")
-            p.add_argument("--video_size", type=parse_size, default=(704, 1280), metavar="H,W",
+            p.add_argument("--video_size", type=training_size, default=(704, 1280), metavar="H,W",
                            help="training resolution (default 704,1280)")
 
     p = sub.add_parser("prompts", help="write metas/<name>.txt for videos that have no caption",

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from model import read_tensor_file, wan_vae_config
+from prep_data import dtype_for
 
 # The reference's default negative prompt (cosmos_predict2/config.py), used by the unconditional CFG branch.
 DEFAULT_NEGATIVE_PROMPT = (
@@ -435,17 +436,11 @@ def check_text_width(net, text_encoder, prompt_embeds):
 
 
 def parse_lora_spec(spec):
-    """'file[:scale]' -> (Path, scale)."""
-    path, sep, scale = spec.rpartition(":")
-    if not sep or not path:  # no scale given (or a bare ':...' that is part of the name)
-        path, scale = spec, "1"
-    try:
-        scale = float(scale)
-    except ValueError:
-        path, scale = spec, 1.0
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"--lora {spec}: adapter file {path} does not exist")
-    return Path(path), scale
+    """--lora's argparse type: 'file[:scale]' -> (Path, scale), by convert.py's parser (imported only here, as
+    convert imports train)."""
+    from convert import parse_lora_arg
+
+    return parse_lora_arg(spec)
 
 
 def checkpoint_alpha(ckpt, rank):
@@ -497,14 +492,15 @@ def holds_adapter(state_dict, adapter):
     return bool(adapter.modules)
 
 
-def load_dit(ckpt, loras=(), config=None):
+def load_dit(ckpt, loras=(), config=None, force=False):
     """The DiT of an official-layout checkpoint (a LoRA run's adapters included) plus the `--lora` adapters
-    (path, scale), on the CPU in the checkpoint's dtype. The file is memory-mapped, so this is cheap: every shape
+    (path, scale), each trained on this checkpoint (its recorded base fingerprint; `force` takes another with a
+    warning), on the CPU in the checkpoint's dtype. The file is memory-mapped, so this is cheap: every shape
     is checked here, before any heavy work, and the weights are read when the model moves to the GPU.
     The preset and the checkpoint's adapter come from its shapes (alpha: checkpoint_alpha), or from a training config
     file (`dit_preset`, `use_lora`, `lora_rank`, `lora_alpha`, `lora_target_modules`), like the reference's
     --experiment."""
-    from convert import read_adapter
+    from convert import check_adapter_base, file_fingerprint, read_adapter
     from lora import inject_lora, load_lora_state_dict, set_adapter_scale
     from model import DIT_PRESETS, DiT, infer_dit_config, load_checkpoint_file
 
@@ -536,6 +532,7 @@ def load_dit(ckpt, loras=(), config=None):
         if holds_adapter(state_dict, adapter):
             raise ValueError(f"--lora {path} is the adapter that --ckpt {ckpt} already holds (a LoRA run's model "
                              f"file carries it): it would act twice; drop --lora, or give the base model as --ckpt")
+        check_adapter_base(adapter, path, f"--ckpt {ckpt}", file_fingerprint(ckpt), force)
         try:
             inject_lora(net, list(adapter.modules), rank=adapter.rank, alpha=adapter.alpha, adapter_name=name)
             load_lora_state_dict(net, adapter.state_dict(name), name)
@@ -562,11 +559,6 @@ def load_vae(path, device):
     from model import WanVAE
 
     return WanVAE.from_pretrained(path, device=device, dtype=dtype_for(device))
-
-
-def dtype_for(device):
-    """bf16 on the GPU, as the reference; fp32 on the CPU."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -627,6 +619,18 @@ def generate_to_file(net, path, vae, text_emb, neg_text_emb=None, num_frames=DEF
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def checked(kind, ok, expected):
+    """An argparse type: kind(text), refused unless ok(value), so argparse names the option (exit code 2)."""
+    def parse(text):
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
+    return parse
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to generate")
@@ -641,9 +645,10 @@ def build_parser():
     what.add_argument("--save_latents", action="store_true", help="also write the final latents (.safetensors)")
     nets = p.add_argument_group("weights")
     nets.add_argument("--ckpt", required=True, help="DiT checkpoint in the official layout (e.g. model_ema_bf16.pt)")
-    nets.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+    nets.add_argument("--lora", action="append", default=[], type=parse_lora_spec, metavar="FILE[:SCALE]",
                       help="an extra adapter (ours, diffusers' or ComfyUI's), its output scaled by SCALE (default 1); "
                            "repeatable")
+    nets.add_argument("--force", action="store_true", help="use a --lora adapter trained on another base than --ckpt")
     nets.add_argument("--merge", action="store_true", help="fold the adapters into the base weights (faster)")
     nets.add_argument("--config", help="the training config (e.g. configs/nemo_lora.py) giving the DiT preset and "
                                        "the checkpoint's LoRA settings; default: read from the checkpoint's shapes")
@@ -656,16 +661,19 @@ def build_parser():
                      help="the unconditional branch's prompt (default: the reference's)")
     how.add_argument("--guidance", type=float, default=7.0,
                      help="g in v = v_cond + g (v_cond - v_uncond); 0 runs no unconditional pass (default: 7)")
-    how.add_argument("--seed", type=int, default=1, help="seed of the initial noise, numpy RandomState (default: 1)")
+    how.add_argument("--seed", type=checked(int, lambda n: 0 <= n < 2**32, "an integer in [0, 2**32)"), default=1,
+                     help="seed of the initial noise, numpy RandomState (default: 1)")
     how.add_argument("--resolution", default=f"{DEFAULT_RESOLUTION[0]},{DEFAULT_RESOLUTION[1]}",
                      help="H,W in pixels, multiples of 16 (default: %(default)s)")
     how.add_argument("--num_frames", type=int, default=DEFAULT_NUM_FRAMES,
                      help="pixel frames, 1 + 4k (default: %(default)s)")
-    how.add_argument("--steps", type=int, default=35, help="sampler steps (default: %(default)s)")
-    how.add_argument("--shift", type=float, default=5.0,
+    how.add_argument("--steps", type=checked(int, lambda n: n >= 1, "an integer >= 1"), default=35,
+                     help="sampler steps (default: %(default)s)")
+    how.add_argument("--shift", type=checked(float, lambda x: 0 < x < math.inf, "a number > 0"), default=5.0,
                      help="schedule shift towards high noise (default: %(default)s)")
     how.add_argument("--sampler", choices=list(SAMPLERS), default="unipc", help="flow UniPC (the reference's) or Euler")
-    how.add_argument("--fps", type=int, default=16, help="frame rate of the written mp4 (default: %(default)s)")
+    how.add_argument("--fps", type=checked(int, lambda n: n >= 1, "an integer >= 1"), default=16,
+                     help="frame rate of the written mp4 (default: %(default)s)")
     how.add_argument("--context_parallel_size", type=int,
                      help="processes sharing each video (must divide the process count, the DiT's heads and the "
                           "latent frames); default: 1 when the samples divide evenly over the processes, else all")
@@ -732,8 +740,6 @@ def context_parallel_groups(cp, cfg_parallel, rank, world, device):
 
 def samples_from_args(args):
     """The samples to generate, checked (files exist, values valid), before anything heavy runs."""
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
     defaults = Sample(name="", prompt="", input_path=None, num_cond_frames=0, negative_prompt=args.negative_prompt,
                       seed=args.seed, guidance=check_guidance(args.guidance, "--guidance"),
                       resolution=parse_resolution(args.resolution, "--resolution"),
@@ -783,7 +789,6 @@ def main(argv=None):
     if args.prompt_embeds and len(samples) != 1:
         raise ValueError("--prompt_embeds holds one prompt's embeddings; a batch needs --text_encoder")
     paths = output_paths(args, samples)
-    loras = [parse_lora_spec(spec) for spec in args.lora]
     for flag, f in [("--ckpt", args.ckpt), ("--vae", args.vae)] + ([("--config", args.config)] if args.config else []):
         if Path(f).is_dir():
             hint = (f"; a training checkpoint folder is exported first: python convert.py {f} writes "
@@ -798,7 +803,7 @@ def main(argv=None):
     # conditioning images and videos are decoded, the DiT checkpoint and the adapters are opened memory-mapped
     # and their shapes checked, and so are the VAE file and the width of the text embeddings.
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    net = load_dit(args.ckpt, loras, args.config)
+    net = load_dit(args.ckpt, args.lora, args.config, args.force)
     check_text_width(net, args.text_encoder, args.prompt_embeds)
     pair = 2 if args.cfg_parallel else 1  # processes per sample at least
     cp = args.context_parallel_size or pair * default_context_parallel_size(len(samples), max(world // pair, 1))
@@ -829,7 +834,7 @@ def main(argv=None):
     net.enable_context_parallel(dit_group)  # the processes of a group run the same sampler; the DiT splits the work
     vae = load_vae(args.vae, device)
 
-    from prep_data import write_video
+    from prep_data import write_safetensors, write_video
 
     for s in mine:
         neg = embeddings[s.negative_prompt] if s.guidance else None
@@ -840,9 +845,7 @@ def main(argv=None):
         path = paths[s.name]
         write_video(path, video.numpy(), fps=args.fps)
         if args.save_latents:
-            from safetensors.torch import save_file
-
-            save_file({"latents": latents.contiguous()}, path.with_suffix(".safetensors"))
+            write_safetensors({"latents": latents.contiguous()}, path.with_suffix(".safetensors"))
         print(f"[rank {rank}] {s.name}: {MODE_NAMES[s.num_cond_frames]}, {len(video)} frames "
               f"{s.resolution[0]}x{s.resolution[1]}, seed {s.seed} -> {path}")
     if dist.is_initialized():

@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels.attention as attention  # noqa: E402
 from kernels import attention_hopper  # noqa: E402
 from kernels.lora import _launch_matmul, block_r, lora_linear  # noqa: E402
+from lora import LoRALinear, set_adapter_scale  # noqa: E402
 
 torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references in full fp32
 rows = []  # (what, error, limit)
@@ -118,6 +119,33 @@ def check_lora(M, K, N, r):
         record(f"{name} {what}", got, want, 1e-2)
 
 
+def check_lora_module(M, K, N):
+    """LoRALinear's dispatch: one active adapter runs the fused kernel with its own scale (alpha / rank times the
+    multiplier set_adapter_scale sets, as sample.py's --lora file:0.5 does), several run plain PyTorch; against
+    x W^T + sum_i m_i alpha_i / r_i (x A_i^T) B_i^T in fp32 from the bf16-rounded adapters."""
+    lin = LoRALinear(torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16))
+    adapters = {"a": (32, 16, 0.5), "b": (16, 32, -1.5)}  # rank, alpha, multiplier
+    for name, (rank, alpha, _) in adapters.items():
+        lin.add_adapter(name, rank, alpha)
+        torch.nn.init.normal_(lin.lora_B[name].weight, std=rank ** -0.5)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    for active in (["a"], ["b"], ["a", "b"]):
+        name = f"lora module M{M} K{K} N{N} adapters {'+'.join(active)}"
+        for adapter, (_, _, multiplier) in adapters.items():
+            set_adapter_scale(lin, adapter, multiplier if adapter in active else 0.0)
+        if len(active) == 1:
+            rows.append((f"{name}: the fused kernel does not serve", float(not lin._fused_kernel_serves(x, active[0])),
+                         0.0, False))
+        with torch.no_grad():
+            y = lin(x)
+        expected = x.float() @ lin.weight.float().t()
+        for adapter in active:
+            rank, alpha, multiplier = adapters[adapter]
+            A, B = (lin.lora_A[adapter].weight.bfloat16().float(), lin.lora_B[adapter].weight.bfloat16().float())
+            expected += multiplier * alpha / rank * (x.float() @ A.t()) @ B.t()
+        record(name, y, expected, 1e-2)
+
+
 def check_forward_kernels_agree(B, S, Sk, H):
     """The Gluon (Hopper) forward, launched directly, against the `tl` forward: the same function."""
     name = f"forward B{B} {S}x{Sk} H{H}: Gluon vs tl kernel"
@@ -175,6 +203,8 @@ def main():
     check_lora(1001, 2048, 2048, 32)  # odd M
     check_lora(3001, 1016, 264, 64)  # the largest rank served, N in two column blocks (one phase-2 tile a row)
     check_lora(257, 136, 4104, 8)  # rows and K under one block, rank 8
+    check_lora_module(4096, 2048, 2048)
+    check_lora_module(1001, 1016, 264)  # odd M, N in two column blocks
     print(f"\n{'check':<72} {'rel.err':>10} {'limit':>8}  ok")
     bad = 0
     for what, err, limit, nan in rows:

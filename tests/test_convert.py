@@ -3,6 +3,7 @@ training model, diffusers (its pipeline's LoRA loader and its own saved folders)
 and the error of each bad input."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 import convert
 from convert import (DIT_OFFICIAL_ONLY, convert_checkpoint, dit_key_to_diffusers, export_diffusers,
@@ -301,6 +303,7 @@ def test_official_to_diffusers_to_official_is_the_identity(base_file, tmp_path):
     assert back.keys() == kept and all(torch.equal(back[k], original[k]) for k in kept)
     config = json.loads((tmp_path / "folder" / "config.json").read_text())
     assert config["in_channels"] == 17 and config["rope_scale"] == [1.0, 3.0, 3.0]
+    assert (tmp_path / "folder" / convert.DIFFUSERS_WEIGHTS).stat().st_mode & 0o777 == 0o666 & ~umask()
     assert set(dit_key_to_diffusers(k.removeprefix("net.")) for k in kept) == set(
         safe_open(tmp_path / "folder" / convert.DIFFUSERS_WEIGHTS, framework="pt").keys())
 
@@ -353,6 +356,41 @@ def test_base_with_another_fingerprint_needs_force(lora_ckpt, converted, tmp_pat
     assert not torch.equal(got[key], original[key]) and torch.equal(got[lora_key], original[lora_key])
 
 
+def umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_diffusers_after_a_plain_conversion_adds_only_its_files(lora_ckpt, converted, tmp_path):
+    """--diffusers after a plain conversion writes the two missing files, as a conversion with --diffusers from the
+    start does, and leaves the others alone; existing files still need --overwrite. Every file is readable like any
+    new file (safetensors' save_file alone makes 0600 files)."""
+    out = tmp_path / "out"
+    convert_checkpoint(lora_ckpt, out)
+    plain = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir()}
+    convert.main([str(lora_ckpt), str(out), "--diffusers"])
+    added = ["lora_ema_bf16_comfyui.safetensors", "lora_ema_bf16_diffusers.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*plain, *added])
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir() if p.name in plain} == plain
+    for name in added:
+        with safe_open(out / name, framework="pt") as f, safe_open(converted / name, framework="pt") as g:
+            assert f.metadata() == g.metadata() and f.keys() == g.keys()
+            assert all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in f.keys())
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~umask()}
+    with pytest.raises(FileExistsError, match="lora_ema_bf16_diffusers.safetensors.*--overwrite"):
+        convert_checkpoint(lora_ckpt, out, diffusers=True)
+    # the plain files of another checkpoint are not this one's
+    (out / added[0]).unlink()
+    (out / added[1]).unlink()
+    with safe_open(out / "lora_ema_bf16.safetensors", framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file(tensors, out / "lora_ema_bf16.safetensors", {**metadata, "source_checkpoint": "/elsewhere/iter_1"})
+    with pytest.raises(FileExistsError, match="was exported from /elsewhere/iter_1, not from .*--overwrite"):
+        convert_checkpoint(lora_ckpt, out, diffusers=True)
+    assert not (out / added[0]).exists() and not (out / added[1]).exists()
+
+
 def test_existing_outputs_need_overwrite(lora_ckpt, tmp_path):
     (tmp_path / "model_ema_bf16.pt").write_text("precious")
     with pytest.raises(FileExistsError, match="model_ema_bf16.pt.*--overwrite"):
@@ -363,11 +401,18 @@ def test_existing_outputs_need_overwrite(lora_ckpt, tmp_path):
     assert load_checkpoint_file(tmp_path / "model_ema_bf16.pt")
 
 
-def test_merge_refuses_other_bases_and_existing_outputs(converted, tmp_path):
+def test_merge_refuses_other_bases_and_existing_outputs(converted, tmp_path, capsys):
     adapter = converted / "lora_ema_bf16.safetensors"
     other = save_base(tmp_path / "other.pt", seed=6)
     with pytest.raises(ValueError, match="pass --force"):
         merge(other, [(adapter, 1.0)], tmp_path / "merged.pt")
+    capsys.readouterr()
+    merge(other, [(adapter, 1.0)], tmp_path / "forced.pt", force=True)
+    assert f"warning: adapter {adapter} was trained on " in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_code:  # a scale that is no number, named as such
+        convert.main(["merge", "--base", str(other), "--lora", f"{adapter}:abc", "-o", str(tmp_path / "m.pt")])
+    err = capsys.readouterr().err
+    assert exit_code.value.code == 2 and "argument --lora: " in err and "must be a number, got 'abc'" in err
     small = save_base(tmp_path / "small.pt", seed=1, cfg=replace(small_config(), crossattn_proj_in_channels=256))
     with pytest.raises(ValueError, match="another model size"):
         merge(small, [(adapter, 1.0)], tmp_path / "merged.pt", force=True)

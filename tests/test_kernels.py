@@ -224,6 +224,38 @@ def test_lora_matmul_writes_every_element(bwd):
     assert rel_err(out, expected) < TOL[torch.bfloat16]
 
 
+def test_lora_linear_module_scales_each_adapter(monkeypatch):
+    """LoRALinear's dispatch: one active adapter takes the fused kernel with its own scale, alpha / rank times the
+    multiplier that set_adapter_scale sets (sample.py's --lora file:0.5); several take plain PyTorch. Both against
+    x W^T + sum_i m_i alpha_i / r_i (x A_i^T) B_i^T in fp64. On the CPU the interpreter runs the kernel where CUDA
+    would."""
+    import kernels.lora
+
+    monkeypatch.setattr(lora, "FUSED_DEVICE", torch.device(DEVICE).type)
+    scales, fused = [], kernels.lora.lora_linear
+    monkeypatch.setattr(kernels.lora, "lora_linear", lambda *args: scales.append(args[-1]) or fused(*args))
+    lin = lora.LoRALinear(torch.nn.Linear(32, 48, bias=False, device=DEVICE, dtype=torch.bfloat16))
+    adapters = {"a": (8, 4, 0.5), "b": (16, 32, -1.5)}  # rank, alpha, multiplier
+    for name, (rank, alpha, _) in adapters.items():
+        lin.add_adapter(name, rank, alpha)
+        torch.nn.init.normal_(lin.lora_B[name].weight, std=rank ** -0.5)
+    x = randn(3, 5, 32)
+    for active in (["a"], ["b"], ["a", "b"]):
+        for name, (_, _, multiplier) in adapters.items():
+            lora.set_adapter_scale(lin, name, multiplier if name in active else 0.0)
+        scales.clear()
+        with torch.no_grad():
+            y = lin(x)
+        expected, expected_scales = x.double() @ lin.weight.double().t(), []
+        for name in active:
+            rank, alpha, multiplier = adapters[name]
+            A, B = lin.lora_A[name].weight.double(), lin.lora_B[name].weight.double()
+            expected += multiplier * alpha / rank * (x.double() @ A.t()) @ B.t()
+            expected_scales.append(multiplier * alpha / rank)
+        assert scales == (expected_scales if len(active) == 1 else []), active  # the kernel serves one adapter
+        assert rel_err(y, expected) < TOL[torch.bfloat16], active
+
+
 def test_lora_rejects_bad_inputs():
     x, w, a, b = randn(4, 32), randn(16, 32), randn(8, 32), randn(16, 8)
     with pytest.raises(ValueError, match="frozen"):

@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-import types
 import weakref
 from fractions import Fraction
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -99,6 +98,11 @@ def test_prompts_writes_missing_and_keeps_existing(tmp_path, demo_dir, capsys):
     assert (data / "metas" / "robot_000.txt").read_text() == "my own caption"
     main(["prompts", "--dataset_path", str(data), "--prompt", "new", "--overwrite"])
     assert {p.read_text() for p in (data / "metas").glob("*.txt")} == {"new"}
+    capsys.readouterr()
+    for empty in ("", " \n"):  # would replace every caption with nothing
+        assert main(["prompts", "--dataset_path", str(data), "--prompt", empty, "--overwrite"]) == 2
+        assert f"--prompt {empty!r} is empty" in capsys.readouterr().err
+        assert {p.read_text() for p in (data / "metas").glob("*.txt")} == {"new"}
     assert main(["prompts", "--dataset_path", str(tmp_path / "nowhere")]) == 2
     assert "no videos/ folder" in capsys.readouterr().err
 
@@ -126,7 +130,7 @@ def broken_dataset(tmp_path, demo_dir):
 
 def test_check_names_every_problem_and_fails(tmp_path, demo_dir, capsys):
     data = broken_dataset(tmp_path, demo_dir)
-    assert main(["check", "--dataset_path", str(data), "--num_frames", "9", "--video_size", "16,24"]) == 1
+    assert main(["check", "--dataset_path", str(data), "--num_frames", "9", "--video_size", "16,32"]) == 1
     out = capsys.readouterr().out
     lines = {line.split()[0]: line for line in out.splitlines() if ".mp4" in line.split(" ")[0]}
     assert "SHORT" in lines["short.mp4"] and "5" in lines["short.mp4"].split()
@@ -191,6 +195,12 @@ def test_clip_starts():
     assert clip_starts(50, 93, clips_per_video=2) == []
 
 
+def umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def read_safetensors(path):
     with safe_open(path, "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
@@ -221,6 +231,8 @@ def test_cache_shapes_metadata_dedup_and_bitwise(tmp_path, demo_dir):
     assert torch.equal(item["latents"], direct)
     tensors, meta = read_safetensors(manifest.parent / "latents" / "robot_001_000004.safetensors")
     video = data / "videos" / "robot_001.mp4"
+    # readable like any new file (umask's mode, 0644 under 022), not safetensors' 0600
+    assert {p.stat().st_mode & 0o777 for p in manifest.parent.glob("*/*.safetensors")} == {0o666 & ~umask()}
     assert meta == {"source": "robot_001.mp4", "start_frame": "4", "num_frames": "9", "fps": "16.0",
                     "source_size": "32x48", "video_size": "16x24", "resize": "stretch", "vae": "tiny-vae",
                     "source_digest": file_fingerprint(video)}
@@ -304,7 +316,7 @@ def test_cache_rejects_short_videos_and_missing_captions(tmp_path, demo_dir):
 
 
 def test_cache_command_frees_the_text_encoder_before_building_the_vae(tmp_path, demo_dir, monkeypatch, capsys):
-    """The CLI path with a fake `model` module: text encoder built, used, freed; then the VAE; manifest written."""
+    """The CLI path with fake networks: text encoder built, used, freed; then the VAE; manifest written."""
     data = copy_dataset(demo_dir, tmp_path / "d")
     events, te_ref = [], []
 
@@ -318,25 +330,30 @@ def test_cache_command_frees_the_text_encoder_before_building_the_vae(tmp_path, 
 
     class FakeVAE(TinyVAE):
         @classmethod
-        def from_pretrained(cls, path, device):
-            events.append(("vae", Path(path).name, te_ref[0]() is None))
+        def from_pretrained(cls, path, device, dtype):
+            events.append(("vae", Path(path).name, te_ref[0]() is None, dtype))
             return cls()
 
-    monkeypatch.setitem(sys.modules, "model", types.SimpleNamespace(TextEncoder=FakeTextEncoder, WanVAE=FakeVAE))
+    monkeypatch.setattr(prep_data, "TextEncoder", FakeTextEncoder)  # the real checks of the files' roles stay
+    monkeypatch.setattr(prep_data, "WanVAE", FakeVAE)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     vae_file, text_encoder_dir = fake_weights(tmp_path)
     args = ["cache", "--dataset_path", str(data), "--vae", str(vae_file), "--text_encoder", str(text_encoder_dir),
-            "--num_frames", "9", "--video_size", "16,24", "--clips_per_video", "2"]
+            "--num_frames", "9", "--video_size", "16,32", "--clips_per_video", "2"]
     assert main(args + ["--max_items", "3"]) == 0
     assert "stopped after --max_items 3" in capsys.readouterr().out
-    assert events == [("te", "reason1"), ("vae", "tok.pth", True)]
+    # the VAE in fp32 on a CPU (bf16 convolutions are slow there), as sample.py does, and said
+    assert events == [("te", "reason1"), ("vae", "tok.pth", True, torch.float32)]
     assert main(args) == 0
-    assert "manifest.json" in capsys.readouterr().out
-    assert events[2:] == [("vae", "tok.pth", True)]  # captions were done: no text encoder this time
-    ds = CachedDataset(data / "cache" / "9f_16x24_stretch")
+    out = capsys.readouterr().out
+    assert "manifest.json" in out and "the VAE runs in float32 on cpu" in out
+    assert events[2:] == [("vae", "tok.pth", True, torch.float32)]  # captions were done: no text encoder this time
+    ds = CachedDataset(data / "cache" / "9f_16x32_stretch")
     assert [(c["source"], c["start_frame"]) for c in ds.clips] == [(f"videos/robot_00{i}.mp4", s) for i in range(3)
                                                                    for s in (0, 8)]
-    vae_file.write_bytes(b"retrained weights at the same path")  # the cache must not pass for this VAE's
+    retrained = torch.load(vae_file)
+    retrained["conv2.bias"] += 1
+    torch.save(retrained, vae_file)  # retrained weights at the same path: the cache must not pass for this VAE's
     assert main(args) == 2
     assert "was made with other settings (vae: " in capsys.readouterr().err
     assert main([*args[:4], str(tmp_path / "missing.pth"), *args[5:]]) == 2
@@ -353,23 +370,59 @@ def test_cache_command_frees_the_text_encoder_before_building_the_vae(tmp_path, 
             main(args[:7] + bad)
         assert exit_code.value.code == 2 and message in capsys.readouterr().err
     # the same folder with other clips would change the data of a run training on it
-    assert main(args[:7] + ["--num_frames", "9", "--video_size", "16,24", "--stride", "4"]) == 2
-    assert "9f_16x24_stretch holds the clips of clips_per_video=2, not stride=4" in capsys.readouterr().err
+    assert main(args[:7] + ["--num_frames", "9", "--video_size", "16,32", "--stride", "4"]) == 2
+    assert "9f_16x32_stretch holds the clips of clips_per_video=2, not stride=4" in capsys.readouterr().err
     assert events == built
 
 
 def fake_weights(root):
-    """Stand-ins for a VAE file and a text-encoder folder: the cache command stamps entries with their size and
-    modification time."""
-    (root / "reason1").mkdir()
-    (root / "reason1" / "model.safetensors").write_bytes(b"weights")
-    (root / "tok.pth").write_bytes(b"weights")
+    """A VAE file and a text-encoder folder, the demo's tiny ones: the cache command checks that they fit their roles
+    and stamps entries with their size and modification time (the fakes above stand in for the networks)."""
+    shutil.copytree(ROOT / "assets" / "demo" / "text_encoder", root / "reason1")
+    torch.save(load_file(ROOT / "assets" / "demo" / "vae.safetensors"), root / "tok.pth")
     return root / "tok.pth", root / "reason1"
 
 
-FAKE_MODEL = """
+def test_cache_command_checks_its_inputs_before_any_work(tmp_path, demo_dir, monkeypatch, capsys):
+    """Files that do not fit their role and sizes the VAE and the DiT cannot take: a message naming the option and
+    what was expected, exit code 2, before any network is built or any cache folder made."""
+    import model
+
+    def heavy(*args, **kwargs):
+        raise AssertionError("a network was built before the input error was found")
+
+    monkeypatch.setattr(model.TextEncoder, "from_pretrained", heavy)
+    monkeypatch.setattr(model.WanVAE, "from_pretrained", heavy)
+    data = copy_dataset(demo_dir, tmp_path / "d")
+    vae_file, text_encoder_dir = fake_weights(tmp_path)
+    (tmp_path / "no_config").mkdir()
+    (tmp_path / "no_config" / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
+    dit = ROOT / "assets" / "demo" / "dit.safetensors"
+    for vae, text_encoder, video_size, message in (
+            (dit, text_encoder_dir, "16,32", f"--vae {dit} is not a Wan2.1 VAE checkpoint"),
+            (vae_file, vae_file, "16,32", f"--text_encoder {vae_file}: expected the text encoder's Hugging Face "
+                                          f"folder (config.json, *.safetensors, tokenizer.json)"),
+            (vae_file, tmp_path / "no_config", "16,32", f"--text_encoder {tmp_path / 'no_config'}: expected"),
+            (vae_file, tmp_path / "llama", "16,32", "config.json: model_type is 'llama', not a Qwen2-family decoder"),
+            (vae_file, text_encoder_dir, "60,64", "argument --video_size: H and W must be positive multiples of 16"),
+            (vae_file, text_encoder_dir, "16,24", "argument --video_size: H and W must be positive multiples of 16"),
+            (vae_file, text_encoder_dir, "0,0", "argument --video_size: H and W must be positive multiples of 16")):
+        args = ["cache", "--dataset_path", str(data), "--vae", str(vae), "--text_encoder", str(text_encoder),
+                "--num_frames", "9", "--video_size", video_size]
+        try:
+            code = main(args)
+        except SystemExit as e:  # argparse
+            code = e.code
+        assert code == 2 and message in capsys.readouterr().err, message
+        assert not (data / "cache").exists()
+
+
+LAUNCH = """
 import os, sys
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{root!r}, {tests!r}]
+import prep_data
 from test_prep_data import TinyTextEncoder, TinyVAE
 
 
@@ -387,11 +440,15 @@ class TextEncoder(TinyTextEncoder):
 
 
 class WanVAE(TinyVAE):
-    from_pretrained = classmethod(lambda cls, path, device: cls())
+    from_pretrained = classmethod(lambda cls, path, device, dtype: cls())
 
     def encode(self, video):
         log("clip")
         return super().encode(video)
+
+
+prep_data.TextEncoder, prep_data.WanVAE = TextEncoder, WanVAE  # the real checks of the files' roles stay
+sys.exit(prep_data.main())
 """
 
 
@@ -399,20 +456,19 @@ def test_cache_command_under_torchrun_shards_the_work(tmp_path, demo_dir):
     """Two CPU ranks: each encodes its share (items r::2), rank 0 writes the manifest after both are done."""
     data = copy_dataset(demo_dir, tmp_path / "d")
     (tmp_path / "logs").mkdir()
-    (tmp_path / "model.py").write_text(FAKE_MODEL.format(tests=str(ROOT / "tests"), logs=str(tmp_path / "logs")))
-    (tmp_path / "launch.py").write_text(f"import sys\nsys.path.append({str(ROOT)!r})\nimport prep_data\n"
-                                        f"sys.exit(prep_data.main())\n")
+    (tmp_path / "launch.py").write_text(LAUNCH.format(root=str(ROOT), tests=str(ROOT / "tests"),
+                                                      logs=str(tmp_path / "logs")))
     vae_file, text_encoder_dir = fake_weights(tmp_path)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(tmp_path / "launch.py"), "cache", "--dataset_path", str(data), "--vae", str(vae_file),
-                        "--text_encoder", str(text_encoder_dir), "--num_frames", "9", "--video_size", "16,24",
+                        "--text_encoder", str(text_encoder_dir), "--num_frames", "9", "--video_size", "16,32",
                         "--stride", "4"],
                        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     logs = {p.name: len(p.read_text()) for p in (tmp_path / "logs").iterdir()}
     assert logs == {"text0": 1, "text1": 1, "clip0": 5, "clip1": 4}  # 2 captions and 9 clips, dealt round-robin
-    assert len(CachedDataset(data / "cache" / "9f_16x24_stretch")) == 9
+    assert len(CachedDataset(data / "cache" / "9f_16x32_stretch")) == 9
 
 
 # ---- dataset classes and sampler ----

@@ -224,6 +224,12 @@ def run_cli(args, cwd=REPO, launcher=(sys.executable,)):
                           text=True, timeout=300)
 
 
+def umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def frames_of(path):
     info = video_info(path)
     assert (info.num_frames, info.height, info.width, round(info.fps)) == (NUM_FRAMES, H, W, 16)
@@ -242,6 +248,8 @@ def test_cli_writes_the_video(files, tmp_path, mode):
     video = frames_of(out)
     assert video.shape == (NUM_FRAMES, H, W, 3) and video.std() > 1  # not a blank video
     assert load_file(out.with_suffix(".safetensors"))["latents"].shape == (1, 16, 3, H // 8, W // 8)
+    # readable like the mp4 (safetensors' save_file alone makes its files 0600)
+    assert out.with_suffix(".safetensors").stat().st_mode & 0o777 == out.stat().st_mode & 0o777 == 0o666 & ~umask()
 
 
 def test_json_batch_is_the_same_on_one_and_two_processes(files, tmp_path):
@@ -332,6 +340,22 @@ def test_bad_input_fails_before_heavy_work(files, tmp_path, no_heavy_work):
                                          "cross-attention takes 64"):
         main(weights_args=["--ckpt", str(files / "model_ema_bf16.pt"), "--vae", str(files / "tokenizer.pth"),
                            "--prompt_embeds", str(embeds)])
+
+
+def test_adapter_of_another_base_is_refused_unless_forced(files, tmp_path, no_heavy_work):
+    from lora import inject_lora, lora_state_dict
+    from model import DIT_PRESETS, DiT
+
+    net = DiT(DIT_PRESETS["tiny"])
+    inject_lora(net, rank=2, alpha=2)
+    adapter = tmp_path / "lora.safetensors"
+    save_file({"net." + k: v.contiguous() for k, v in lora_state_dict(net).items()}, adapter,
+              {"base_checkpoint": "/elsewhere/base.pt", "base_fingerprint": "0123456789abcdef"})
+    args = ["--prompt", "p", "-o", str(tmp_path / "o.mp4"), "--lora", f"{adapter}:0.5", *weights(files), *small()]
+    with pytest.raises(ValueError, match="trained on /elsewhere/base.pt .*pass --force"):
+        sample.main(args)
+    with pytest.raises(AssertionError, match="heavy work started"):  # forced, it goes on to the networks
+        sample.main(args + ["--force"])
 
 
 def test_text_encoder_is_freed_before_the_dit_reaches_the_device(files, tmp_path, monkeypatch):

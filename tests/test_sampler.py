@@ -1,7 +1,9 @@
 """sample.py without the networks: schedule, samplers (against diffusers' UniPC), guidance, conditioning frames,
 noise, JSON batches and input checks. CPU, small tensors."""
 
+import argparse
 import json
+
 import numpy as np
 import pytest
 import torch
@@ -391,6 +393,9 @@ def test_command_line_samples(tmp_path):
     assert (s.num_cond_frames, s.resolution, s.num_frames) == (2, (64, 96), 9)
     (s,) = sample.samples_from_args(args_for(["--prompt", "p", "-o", "x.mp4", "--guidance", "0"]))
     assert (s.num_cond_frames, s.input_path, s.guidance) == (0, None, 0.0)
+    args = args_for(["--prompt", "p", "-o", "x.mp4", "--seed", str(2**32 - 1), "--shift", "0.5", "--fps", "1"])
+    assert (args.seed, args.shift, args.fps) == (2**32 - 1, 0.5, 1)
+    assert initial_noise(args.seed, (2,)).shape == (2,)  # the largest seed numpy takes
 
 
 @pytest.mark.parametrize("argv,error", [
@@ -398,7 +403,6 @@ def test_command_line_samples(tmp_path):
     (["--prompt", "p", "--num_frames", "92"], "1 \\+ 4k"),
     (["--prompt", "p", "--image", "missing.png"], "missing.png does not exist"),
     (["--prompt", "p", "--video", "missing.mp4"], "missing.mp4 does not exist"),
-    (["--prompt", "p", "--steps", "0"], "--steps"),
     (["--prompt", "p", "--guidance", "-2"], "guidance"),
     ([], "give --prompt"),
     (["--prompt", "p", "-i", "b.json"], "-i takes the prompts"),
@@ -407,6 +411,23 @@ def test_command_line_samples(tmp_path):
 def test_command_line_errors(argv, error):
     with pytest.raises((ValueError, FileNotFoundError), match=error):
         sample.samples_from_args(args_for(argv + ["-o", "out.mp4"]))
+
+
+@pytest.mark.parametrize("option,value,expected", [
+    ("--shift", "0", "expected a number > 0, got 0"),  # sigma 0 everywhere: a division by zero mid-sampling
+    ("--shift", "-2", "expected a number > 0, got -2"),  # sigmas outside (0, 1): no log-SNR
+    ("--shift", "nan", "expected a number > 0, got nan"),
+    ("--seed", "-1", "expected an integer in [0, 2**32), got -1"),  # numpy's RandomState takes no other
+    ("--seed", "4294967296", "expected an integer in [0, 2**32), got 4294967296"),
+    ("--fps", "0", "expected an integer >= 1, got 0"),  # no frame rate: the mp4 would play at 24 fps
+    ("--steps", "0", "expected an integer >= 1, got 0"),
+    ("--seed", "abc", "invalid int value: 'abc'"),
+])
+def test_command_line_values_out_of_range(capsys, option, value, expected):
+    with pytest.raises(SystemExit) as exit_code:
+        args_for(["--prompt", "p", "-o", "out.mp4", option, value])
+    assert exit_code.value.code == 2
+    assert f"argument {option}: {expected}" in capsys.readouterr().err
 
 
 def test_existing_output_is_not_overwritten(tmp_path):
@@ -435,13 +456,22 @@ def test_main_checks_before_loading_anything(tmp_path):
                      "--text_encoder", "te"])
 
 
-def test_lora_spec(tmp_path):
+def test_lora_spec(tmp_path, capsys):
     f = tmp_path / "adapter.safetensors"
     f.write_bytes(b"x")
     assert sample.parse_lora_spec(f"{f}:0.5") == (f, 0.5)
     assert sample.parse_lora_spec(str(f)) == (f, 1.0)
-    with pytest.raises(FileNotFoundError, match="nope.safetensors does not exist"):
+    colon = tmp_path / "run:3.safetensors"  # a ':' in the file's own name
+    colon.write_bytes(b"x")
+    assert sample.parse_lora_spec(str(colon)) == (colon, 1.0)
+    assert sample.parse_lora_spec(f"{colon}:-0.25") == (colon, -0.25)
+    with pytest.raises(argparse.ArgumentTypeError, match="nope.safetensors does not exist"):
         sample.parse_lora_spec(str(tmp_path / "nope.safetensors") + ":2")
+    with pytest.raises(argparse.ArgumentTypeError, match="the scale after the last ':' must be a number, got 'abc'"):
+        sample.parse_lora_spec(f"{f}:abc")
+    with pytest.raises(SystemExit) as exit_code:  # the command line says which option
+        args_for(["--prompt", "p", "-o", "out.mp4", "--lora", f"{f}:abc"])
+    assert exit_code.value.code == 2 and "argument --lora: " in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -601,6 +631,46 @@ def test_checkpoint_holding_the_adapter_or_not_as_the_config_says(tmp_path):
     config.write_text("dit_preset = 'tiny'\nuse_lora = False\n")
     with pytest.raises(ValueError, match="sets use_lora=False, but --ckpt .*model_ema_fp32.pt holds LoRA weights"):
         sample.load_dit(path, config=config)
+
+
+def test_adapter_trained_on_another_base_needs_force(tmp_path, capsys):
+    """Our adapter files record the fingerprint of their base (convert.py's metadata): on another --ckpt the adapter
+    is refused, as convert.py merge refuses it, unless forced, which warns."""
+    from safetensors.torch import save_file
+
+    from lora import lora_state_dict
+    from model import DIT_PRESETS, DiT
+    from train import file_fingerprint
+
+    bases = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        bases.append(save_checkpoint(DiT(DIT_PRESETS["tiny"]), tmp_path / f"base{seed}.pt"))
+    adapter = tmp_path / "lora.safetensors"
+    save_file({"net." + k: v.contiguous() for k, v in lora_state_dict(tiny_dit(seed=2)).items()}, adapter,
+              {"base_checkpoint": str(bases[0]), "base_fingerprint": file_fingerprint(bases[0]), "lora_alpha": "4"})
+    sample.load_dit(bases[0], [(adapter, 0.5)])
+    assert "warning" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match=f"adapter {adapter} was trained on {bases[0]} \\(fingerprint "
+                                         f"{file_fingerprint(bases[0])}\\), not on --ckpt {bases[1]} .*--force"):
+        sample.load_dit(bases[1], [(adapter, 0.5)])
+    forced = sample.load_dit(bases[1], [(adapter, 0.5)], force=True)
+    assert f"warning: adapter {adapter} was trained on {bases[0]}" in capsys.readouterr().out
+    assert "lora0" in forced.blocks[0].self_attn.q_proj.lora_A
+
+    # the adapter file given as --ckpt: a hint that names the options to use
+    with pytest.raises(ValueError, match="holds LoRA adapter weights alone, no DiT: use it with --lora on a base"):
+        sample.load_dit(adapter)
+
+
+def test_model_pt_says_which_weights_it_samples(tmp_path, capsys):
+    """convert.py's model.pt holds the regular weights under `net.` and the EMA weights under `net_ema.`."""
+    regular, ema = tiny_dit(seed=0), tiny_dit(seed=1)
+    torch.save({**{"net." + k: v for k, v in regular.state_dict().items()},
+                **{"net_ema." + k: v for k, v in ema.state_dict().items()}}, tmp_path / "model.pt")
+    loaded = load(tmp_path / "model.pt")
+    assert "model.pt: taking the weights under 'net.', not those under 'net_ema.'" in capsys.readouterr().out
+    assert torch.equal(dit_output(loaded), dit_output(regular))
 
 
 def test_adapter_for_another_model_size(tmp_path):
