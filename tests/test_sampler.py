@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import sample
-from sample import (DEFAULT_NEGATIVE_PROMPT, euler_sample, flow_schedule, initial_noise, make_velocity_fn,
-                    parse_batch_file, unipc_sample)
+from sample import DEFAULT_NEGATIVE_PROMPT, euler_sample, flow_schedule, initial_noise, make_velocity_fn, unipc_sample
 
 # the reference's 35 timesteps at shift 5 (spec/vae_text_encoder_inference.md §3.5)
 REFERENCE_TIMESTEPS_35 = [999, 993, 987, 981, 974, 967, 960, 952, 943, 935, 925, 915, 905, 894, 882, 869, 855, 840,
@@ -290,6 +289,18 @@ def cli_defaults(**kw):
     return sample.Sample(**fields)
 
 
+def cli_args(*argv):
+    """The command line, whose sampling options give a file's samples the settings they leave out."""
+    return sample.build_parser().parse_args(["-o", "out", "--ckpt", "c.pt", "--vae", "v.pth", "--no-keep_going",
+                                             *argv])
+
+
+def parse_batch_file(path, args):
+    samples, errors = sample.read_sample_files([path], args)
+    assert errors == []
+    return samples
+
+
 def write_json(tmp_path, obj, name="batch.json"):
     path = tmp_path / name
     path.write_text(json.dumps(obj))
@@ -304,7 +315,7 @@ def test_json_batch_reference_format(tmp_path):
         "samples": {"a": {"prompt": "inline", "prompt_path": "p.txt", "input_path": "robot.jpg"},
                     "b": {"prompt": "second", "input_path": "robot.jpg"}},
         "seed": 0, "guidance": 3, "num_output_frames": 93, "resolution": "432,768", "negative_prompt": "bad"})
-    a, b = parse_batch_file(path, cli_defaults())
+    a, b = parse_batch_file(path, cli_args())
     assert (a.name, a.prompt, b.prompt) == ("a", "A video of sks teal robot.", "second")  # prompt_path wins
     assert a.input_path == tmp_path / "robot.jpg" and a.num_cond_frames == 1
     assert (a.seed, a.guidance, a.resolution, a.num_frames, a.negative_prompt) == (0, 3, (432, 768), 93, "bad")
@@ -312,7 +323,8 @@ def test_json_batch_reference_format(tmp_path):
     # fields left out come from the command line; "none" resolution means the default
     path = write_json(tmp_path, {"inference_type": "text2world", "samples": {"t": {"prompt": "p"}},
                                  "resolution": "none"})
-    (t,) = parse_batch_file(path, cli_defaults(seed=5, guidance=0.0, num_frames=9, resolution=(64, 96)))
+    (t,) = parse_batch_file(path, cli_args("--seed", "5", "--guidance", "0", "--num_frames", "9",
+                                           "--resolution", "64,96"))
     assert (t.num_cond_frames, t.seed, t.guidance, t.num_frames, t.resolution) == (0, 5, 0.0, 9, (64, 96))
     assert t.negative_prompt == DEFAULT_NEGATIVE_PROMPT and t.input_path is None
 
@@ -321,11 +333,11 @@ def test_json_unknown_fields_list_the_known_ones(tmp_path):
     path = write_json(tmp_path, {"inference_type": "text2world", "samples": {"t": {"prompt": "p"}}, "num_steps": 3})
     with pytest.raises(ValueError, match="unknown field.*num_steps.*known fields: inference_type, samples, "
                                          "negative_prompt, seed, guidance, resolution, num_output_frames"):
-        parse_batch_file(path, cli_defaults())
+        parse_batch_file(path, cli_args())
     path = write_json(tmp_path, {"inference_type": "text2world", "samples": {"t": {"prompt": "p", "promt": "x"}}})
     with pytest.raises(ValueError, match="sample 't'.*unknown field.*promt.*known fields: prompt, prompt_path, "
                                          "input_path"):
-        parse_batch_file(path, cli_defaults())
+        parse_batch_file(path, cli_args())
 
 
 @pytest.mark.parametrize("batch,error", [
@@ -351,28 +363,28 @@ def test_json_unknown_fields_list_the_known_ones(tmp_path):
 def test_json_errors(tmp_path, batch, error):
     (tmp_path / "img.png").write_bytes(b"x")
     with pytest.raises((ValueError, FileNotFoundError), match=error):
-        parse_batch_file(write_json(tmp_path, batch), cli_defaults())
+        parse_batch_file(write_json(tmp_path, batch), cli_args())
 
 
 @pytest.mark.parametrize("name", ["../escaped", "./a", "sub/a", "..", "", "a\\b"])
 def test_json_sample_names_are_file_names(tmp_path, name):
     with pytest.raises(ValueError, match="must be a plain file name"):
         parse_batch_file(write_json(tmp_path, {"inference_type": "text2world", "samples": {name: {"prompt": "p"}}}),
-                         cli_defaults())
+                         cli_args())
 
 
 def test_json_repeated_names(tmp_path):
     path = tmp_path / "b.json"  # json.dumps cannot repeat a key: written by hand
     path.write_text('{"inference_type": "text2world", "samples": {"a": {"prompt": "p"}, "a": {"prompt": "q"}}}')
     with pytest.raises(ValueError, match="b.json: 'a' appear\\(s\\) more than once"):
-        parse_batch_file(path, cli_defaults())
+        parse_batch_file(path, cli_args())
 
 
 def test_json_not_json(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text("{not json")
-    with pytest.raises(ValueError, match="cannot read the batch file .*bad.json"):
-        parse_batch_file(path, cli_defaults())
+    with pytest.raises(ValueError, match="cannot read the sample file .*bad.json"):
+        parse_batch_file(path, cli_args())
 
 
 def args_for(argv):
@@ -384,12 +396,12 @@ def test_command_line_samples(tmp_path):
     img.write_bytes(b"x")
     vid = tmp_path / "in.mp4"
     vid.write_bytes(b"x")
-    (s,) = sample.samples_from_args(args_for(["--prompt", "p", "--image", str(img), "-o", "out.mp4", "--seed", "3"]))
+    (s,), _ = sample.samples_from_args(args_for(["--prompt", "p", "--image", str(img), "-o", "out.mp4", "--seed", "3"]))
     assert (s.name, s.num_cond_frames, s.input_path, s.seed, s.guidance) == ("out", 1, img, 3, 7.0)
-    (s,) = sample.samples_from_args(args_for(["--prompt", "p", "--video", str(vid), "-o", "x.mp4",
-                                              "--resolution", "64,96", "--num_frames", "9"]))
+    (s,), _ = sample.samples_from_args(args_for(["--prompt", "p", "--video", str(vid), "-o", "x.mp4",
+                                                 "--resolution", "64,96", "--num_frames", "9"]))
     assert (s.num_cond_frames, s.resolution, s.num_frames) == (2, (64, 96), 9)
-    (s,) = sample.samples_from_args(args_for(["--prompt", "p", "-o", "x.mp4", "--guidance", "0"]))
+    (s,), _ = sample.samples_from_args(args_for(["--prompt", "p", "-o", "x.mp4", "--guidance", "0"]))
     assert (s.num_cond_frames, s.input_path, s.guidance) == (0, None, 0.0)
 
 
@@ -413,7 +425,7 @@ def test_existing_output_is_not_overwritten(tmp_path):
     out = tmp_path / "out.mp4"
     out.write_bytes(b"old")
     args = args_for(["--prompt", "p", "-o", str(out)])
-    samples = sample.samples_from_args(args)
+    samples, _ = sample.samples_from_args(args)
     with pytest.raises(FileExistsError, match="--overwrite"):
         sample.output_paths(args, samples)
     args = args_for(["--prompt", "p", "-o", str(out), "--overwrite"])
