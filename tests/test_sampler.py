@@ -592,8 +592,7 @@ def test_long_video_chunks_as_the_reference(monkeypatch, n_cond, num_frames, chu
         return torch.from_numpy(toy_model(cond, s.seed, s.num_frames)), torch.zeros(1, 16, 4, 1, 1)
 
     monkeypatch.setattr(sample, "generate", generate)
-    cond = np.random.RandomState(5).randint(0, 256, (1 + 4 * (n_cond - 1), 2, 2, 3)).astype(np.uint8)
-    cond = cond if n_cond else None
+    cond = np.random.RandomState(5).randint(0, 256, (4 * n_cond - 3, 2, 2, 3)).astype(np.uint8) if n_cond else None
     s = sample.Sample("long", "p", None, n_cond, "", 11, 7.0, (2, 2), num_frames, steps=3, chunk_size=chunk_size)
     video, latents = sample.generate_chunks(None, None, s, cond, None, None, None, 3, 5.0, "unipc", "long",
                                             model_frames=13)
