@@ -862,7 +862,7 @@ def main(argv=None):
         except (ValueError, OSError) as e:
             if not (args.input and args.keep_going):
                 raise
-            failed.append(str(e))
+            failed.append(f"sample {s.name!r}: {e}")
     samples = [s for s in samples if s.name in frames]
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if not samples:

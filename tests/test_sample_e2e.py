@@ -390,6 +390,23 @@ def test_bad_input_fails_before_heavy_work(files, tmp_path, no_heavy_work):
                            "--prompt_embeds", str(embeds)])
 
 
+def test_keep_going_skips_an_input_that_does_not_decode(files, tmp_path, monkeypatch, capsys):
+    lines = [{"inference_type": "image2world", "name": n, "prompt": "p", "input_path": str(files / f)}
+             for n, f in [("good", "in.png"), ("bad", "broken.png")]]
+    (tmp_path / "s.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    args = ["-i", str(tmp_path / "s.jsonl"), "-o", str(tmp_path / "out"), *weights(files), *small()]
+    with pytest.raises(ValueError, match="broken.png: cannot decode the image"):
+        sample.main(args + ["--no-keep_going"])
+
+    def text_embeddings(samples, *args):  # where the heavy work would start
+        raise AssertionError(f"generating {[s.name for s in samples]}")
+
+    monkeypatch.setattr(sample, "text_embeddings", text_embeddings)
+    with pytest.raises(AssertionError, match=r"generating \['good'\]"):
+        sample.main(args)
+    assert "sample.py: skipped: sample 'bad': " in capsys.readouterr().err
+
+
 def test_text_encoder_is_freed_before_the_dit_reaches_the_device(files, tmp_path, monkeypatch):
     import model
 
