@@ -860,7 +860,7 @@ def main(argv=None):
         try:
             frames[s.name] = read_condition_frames(s) if s.num_cond_frames else None
         except (ValueError, OSError) as e:
-            if not (args.input and args.keep_going):
+            if not args.keep_going:
                 raise
             failed.append(f"sample {s.name!r}: {e}")
     samples = [s for s in samples if s.name in frames]
