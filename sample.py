@@ -242,7 +242,7 @@ SETTINGS = {
     "seed": ("--seed", int, 0, 2**32 - 1),  # numpy's RandomState
     "guidance": ("--guidance", float, 0, None),
     "resolution": ("--resolution", str, None, None),  # "H,W", or "none": the command line's
-    "num_output_frames": ("--num_frames", int, 1, None),
+    "num_output_frames": ("--num_frames", int, 1, None),  # the reference makes 93 in one pass, whatever it says
     "num_steps": ("--steps", int, 1, None),
     "enable_autoregressive": (False, bool, None, None),  # on by itself beyond DEFAULT_NUM_FRAMES
     "chunk_size": ("--chunk_size", int, 5, DEFAULT_NUM_FRAMES),  # >= 5: a video's conditioning frames fit chunk 0
@@ -324,10 +324,10 @@ def parse_sample(fields, args, folder, where):
     if ("prompt" in fields) == ("prompt_path" in fields) or not isinstance(prompt, str):
         raise ValueError(f"{where}: needs a string 'prompt' or a 'prompt_path' (one of them)")
     if "prompt_path" in fields:
-        prompt = folder / str(fields["prompt_path"])
-        if not prompt.is_file():
-            raise FileNotFoundError(f"{where}: prompt_path {prompt} does not exist")
-        prompt = prompt.read_text().strip()
+        prompt_path = folder / str(fields["prompt_path"])
+        if not prompt_path.is_file():
+            raise FileNotFoundError(f"{where}: prompt_path {prompt_path} does not exist")
+        prompt = prompt_path.read_text().strip()
     n = INFERENCE_TYPES[mode]
     if bool(n) != ("input_path" in fields):
         raise ValueError(f"{where}: {mode} {'needs an' if n else 'takes no'} input_path")
@@ -367,12 +367,11 @@ def entry_samples(text, suffix, where):
     check_fields(obj, BATCH_FIELDS, where)
     if not isinstance(obj["samples"], dict) or not obj["samples"]:
         raise ValueError(f"{where}: samples must be a non-empty object mapping names to samples")
-    entries = []
+    entries, shared = [], {k: v for k, v in obj.items() if k != "samples"}
     for name, fields in obj["samples"].items():
         check_fields(fields, BATCH_SAMPLE_FIELDS, f"{where}: sample {name!r}")
         if "prompt_path" in fields:  # that format's prompt file wins over an inline prompt
             fields = {k: v for k, v in fields.items() if k != "prompt"}
-        shared = {k: v for k, v in obj.items() if k != "samples"}
         entries.append((f"{where}: sample {name!r}", {**shared, "name": name, **fields}))
     return entries
 
@@ -718,7 +717,8 @@ def build_parser():
     what.add_argument("--keep_going", action=argparse.BooleanOptionalAction, default=True,
                       help="-i: report a bad entry and go on with the rest, exit status 1 at the end (default: on)")
     what.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    what.add_argument("--save_latents", action="store_true", help="also write the final latents (.safetensors)")
+    what.add_argument("--save_latents", action="store_true",
+                      help="also write the final latents (.safetensors; a long video's: one row per chunk)")
     nets = p.add_argument_group("weights")
     nets.add_argument("--ckpt", required=True, help="DiT checkpoint in the official layout (e.g. model_ema_bf16.pt)")
     nets.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
