@@ -309,7 +309,7 @@ def parse_sample(fields, args, folder, where):
     if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
         raise ValueError(f"{where}: the name {name!r} becomes the file name <-o>/<name>.mp4, so it must be a plain "
                          f"file name (no folders)")
-    if mode not in INFERENCE_TYPES:
+    if not isinstance(mode, str) or mode not in INFERENCE_TYPES:
         raise ValueError(f"{where}: inference_type must be one of {', '.join(INFERENCE_TYPES)}, got {mode!r}")
     value, source = {}, {}
     for field, (option, kind, least, most) in SETTINGS.items():
@@ -711,8 +711,8 @@ def build_parser():
     src.add_argument("--image", help="Image2World: condition on this image (1 latent frame); given a video, on its "
                                      "last frame, as the reference does")
     src.add_argument("--video", help="Video2World: condition on the last 5 frames of this video (2 latent frames)")
-    what.add_argument("-i", "--input", nargs="+", help="sample files in the reference's formats: .json (a sample, "
-                                                       "or the older batch), .jsonl (a sample a line), .yaml")
+    what.add_argument("-i", "--input", nargs="+", metavar="FILE", help="sample files in the reference's formats: "
+                      ".json (a sample, or the older batch), .jsonl (a sample a line), .yaml")
     what.add_argument("-o", "--output", required=True, help="output .mp4 (one sample) or folder (-i: <name>.mp4)")
     what.add_argument("--keep_going", action=argparse.BooleanOptionalAction, default=True,
                       help="-i: report a bad entry and go on with the rest, exit status 1 at the end (default: on)")

@@ -438,6 +438,7 @@ def test_sample_files_in_the_current_format(tmp_path, monkeypatch):
     ({"prompt": "p", "num_output_frames": 200, "chunk_size": 97}, "chunk_size must be from 5 to 93, got 97"),
     ({"prompt": "p", "num_output_frames": 200, "chunk_overlap": 2}, "chunk_overlap must be from 1 to 1, got 2"),
     ({"prompt": "p", "name": "a/b"}, "must be a plain file name"),
+    ({"prompt": "p", "inference_type": ["text2world"]}, "inference_type must be one of text2world, image2world"),
 ])
 def test_sample_file_errors_name_the_file_and_field(tmp_path, fields, error):
     path = write_json(tmp_path, {"inference_type": "text2world", "name": "s", **fields}, "s.json")
