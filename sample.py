@@ -2,7 +2,8 @@
 
     python sample.py --ckpt model_ema_bf16.pt --vae tokenizer.pth --text_encoder Cosmos-Reason1-7B
                      --prompt "A video of sks teal robot." [--image in.png | --video in.mp4] -o out.mp4
-    python sample.py -i prompts.json -o outputs/ --ckpt ...                  # a batch, the reference's JSON format
+    python sample.py -i a.json b.jsonl -o outputs/ --ckpt ...                # sample files, the reference's formats
+    python sample.py --prompt "..." --num_frames 229 -o long.mp4 ...         # a long video, in autoregressive chunks
     torchrun --nproc_per_node=8 sample.py --prompt "..." -o out.mp4 ...      # one video over 8 GPUs
     torchrun --nproc_per_node=8 sample.py -i prompts.json -o outputs/ ...    # the samples spread over the GPUs
 
@@ -26,7 +27,8 @@ import gc
 import json
 import math
 import os
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -108,12 +110,13 @@ def unic_coefficients(h, r):
 
 
 @torch.no_grad()
-def unipc_sample(velocity_fn, x_T, sigmas, net_sigmas, progress=False):
+def unipc_sample(velocity_fn, x_T, sigmas, net_sigmas, progress=None):
     """Flow-matching UniPC as the reference uses it: multistep, order 2, B(h) = e^h - 1, on the data prediction.
 
     At step i the network is evaluated at x_i; its data prediction m_i first corrects x_i (UniC, using the step
     that produced x_i) and then predicts x_{i+1} (UniP) from m_i and m_{i-1}. The order is 1 at the first step
     (no history) and at the last step (to sigma = 0, where the update returns m_i itself), 2 in between.
+    `progress`: the label of a progress bar, None for none.
     """
     sig = [float(s) for s in sigmas]
     lam = [log_snr(s) if 0 < s < 1 else None for s in sig]
@@ -121,7 +124,7 @@ def unipc_sample(velocity_fn, x_T, sigmas, net_sigmas, progress=False):
     x = x_T.float()
     x_prev = m_prev = m_prev2 = None  # x_{i-1} after correction, m_{i-1}, m_{i-2}
     order_prev = 0  # order of the predictor that produced x_i
-    for i in tqdm(range(N), desc="sampling", disable=not progress):
+    for i in tqdm(range(N), desc=progress, disable=not progress):
         m = x - sig[i] * velocity_fn(x, float(net_sigmas[i]))  # data prediction at x_i
 
         if i > 0:  # UniC: redo the step sigma_{i-1} -> sigma_i, now also using m_i
@@ -148,11 +151,11 @@ def unipc_sample(velocity_fn, x_T, sigmas, net_sigmas, progress=False):
 
 
 @torch.no_grad()
-def euler_sample(velocity_fn, x_T, sigmas, net_sigmas, progress=False):
+def euler_sample(velocity_fn, x_T, sigmas, net_sigmas, progress=None):
     """First-order Euler: x <- x + (sigma_{i+1} - sigma_i) v. Simple, but needs more steps than UniPC."""
     sig = [float(s) for s in sigmas]
     x = x_T.float()
-    for i in tqdm(range(len(sig) - 1), desc="sampling", disable=not progress):
+    for i in tqdm(range(len(sig) - 1), desc=progress, disable=not progress):
         x = x + (sig[i + 1] - sig[i]) * velocity_fn(x, float(net_sigmas[i]))
     return x
 
@@ -213,7 +216,7 @@ def initial_noise(seed, shape):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. Inputs: samples from the command line or a JSON batch, checked before anything heavy runs
+# 4. Inputs: samples from the command line or sample files, checked before anything heavy runs
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -227,11 +230,30 @@ class Sample:
     seed: int
     guidance: float
     resolution: tuple  # (H, W) in pixels
-    num_frames: int  # pixel frames, 1 + 4k
+    num_frames: int  # pixel frames: 1 + 4k in one pass, any number in chunks
+    steps: int = 35
+    chunk_size: int | None = None  # frames per chunk of a long video (generate_chunks); None: one pass
 
 
+# A sample's settings: field -> (the command-line option that sets it where a file does not, or the value itself;
+# type; least and greatest value). The reference conditions later chunks on chunk_overlap latent frames: only with
+# 1 are they frames that the chunk before generated.
+SETTINGS = {
+    "negative_prompt": ("--negative_prompt", str, None, None),
+    "seed": ("--seed", int, 0, 2**32 - 1),  # numpy's RandomState
+    "guidance": ("--guidance", float, 0, None),
+    "resolution": ("--resolution", str, None, None),  # "H,W", or "none": the command line's
+    "num_output_frames": ("--num_frames", int, 1, None),  # the reference makes 93 in one pass, whatever it says
+    "num_steps": ("--steps", int, 1, None),
+    "enable_autoregressive": (False, bool, None, None),  # on by itself beyond DEFAULT_NUM_FRAMES
+    "chunk_size": ("--chunk_size", int, 5, DEFAULT_NUM_FRAMES),  # >= 5: a video's conditioning frames fit chunk 0
+    "chunk_overlap": (1, int, 1, 1),
+}
+SAMPLE_FIELDS = ("name", "inference_type", "prompt", "prompt_path", "input_path", *SETTINGS)
+# the older batch format: a file of these fields, `samples` mapping names to BATCH_SAMPLE_FIELDS
 BATCH_FIELDS = ("inference_type", "samples", "negative_prompt", "seed", "guidance", "resolution", "num_output_frames")
-SAMPLE_FIELDS = ("prompt", "prompt_path", "input_path")
+BATCH_SAMPLE_FIELDS = ("prompt", "prompt_path", "input_path")
+TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 
 
 def parse_resolution(text, source):
@@ -247,7 +269,8 @@ def parse_resolution(text, source):
 
 def check_num_frames(n, source):
     if isinstance(n, bool) or not isinstance(n, int) or n < 1 or (n - 1) % VAE_TIME_FACTOR:
-        raise ValueError(f"{source}: the number of frames must be 1 + 4k (e.g. 93, 77, 1), got {n!r}")
+        raise ValueError(f"{source}: the number of frames in one pass must be 1 + 4k (e.g. 93, 77, 1), got {n!r}; "
+                         f"beyond {DEFAULT_NUM_FRAMES}, or with enable_autoregressive, any number, in chunks")
     return n
 
 
@@ -268,87 +291,116 @@ def check_input(path, num_cond_frames, source):
     return path
 
 
-def parse_batch_file(path, defaults):
-    """Samples of a JSON batch in the reference's format (cosmos_predict2/config.py:InferenceArguments):
+def check_fields(obj, known, where):
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected an object with fields {', '.join(known)}")
+    unknown = sorted(set(obj) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(known)}")
 
-        {"inference_type": "image2world",
-         "samples": {"name": {"prompt": "...", "input_path": "in.jpg"}, ...},   # or "prompt_path": "p.txt"
-         "negative_prompt": "...", "seed": 0, "guidance": 7, "resolution": "704,1280", "num_output_frames": 93}
 
-    Relative paths are relative to the JSON file. Fields the file leaves out take their value from `defaults`
-    (a Sample-like namespace from the command line). Unlike the reference, which ignores it, `num_output_frames`
-    sets the number of frames.
-    """
-    path = Path(path)
+def parse_sample(fields, args, folder, where):
+    """One sample's fields (SAMPLE_FIELDS, paths relative to `folder`) -> Sample, checked. The settings it leaves
+    out come from the command line, `args`."""
+    check_fields(fields, SAMPLE_FIELDS, where)
+    for field in ("name", "inference_type"):
+        if field not in fields:
+            raise ValueError(f"{where}: missing required field {field!r}")
+    name, mode = fields["name"], fields["inference_type"]
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        raise ValueError(f"{where}: the name {name!r} becomes the file name <-o>/<name>.mp4, so it must be a plain "
+                         f"file name (no folders)")
+    if not isinstance(mode, str) or mode not in INFERENCE_TYPES:
+        raise ValueError(f"{where}: inference_type must be one of {', '.join(INFERENCE_TYPES)}, got {mode!r}")
+    value, source = {}, {}
+    for field, (option, kind, least, most) in SETTINGS.items():
+        source[field] = f"{where}: {field}" if field in fields else option
+        v = value[field] = fields.get(field, getattr(args, option[2:]) if isinstance(option, str) else option)
+        if isinstance(v, bool) != (kind is bool) or not isinstance(v, (int, float) if kind is float else kind):
+            raise ValueError(f"{source[field]} must be {TYPE_NAMES[kind]}, got {v!r}")
+        if least is not None and v < least or most is not None and v > most:
+            bounds = f">= {least}" if most is None else f"from {least} to {most}"
+            raise ValueError(f"{source[field]} must be {bounds}, got {v!r}")
+    prompt = fields.get("prompt", "")
+    if ("prompt" in fields) == ("prompt_path" in fields) or not isinstance(prompt, str):
+        raise ValueError(f"{where}: needs a string 'prompt' or a 'prompt_path' (one of them)")
+    if "prompt_path" in fields:
+        prompt_path = folder / str(fields["prompt_path"])
+        if not prompt_path.is_file():
+            raise FileNotFoundError(f"{where}: prompt_path {prompt_path} does not exist")
+        prompt = prompt_path.read_text().strip()
+    n = INFERENCE_TYPES[mode]
+    if bool(n) != ("input_path" in fields):
+        raise ValueError(f"{where}: {mode} {'needs an' if n else 'takes no'} input_path")
+    frames = value["num_output_frames"]
+    chunked = value["enable_autoregressive"] or frames > DEFAULT_NUM_FRAMES
+    if not chunked:
+        check_num_frames(frames, source["num_output_frames"])
+    resolution = args.resolution if value["resolution"] == "none" else value["resolution"]
+    return Sample(name, prompt, check_input(folder / str(fields["input_path"]), n, where) if n else None, n,
+                  value["negative_prompt"], value["seed"], value["guidance"],
+                  parse_resolution(resolution, source["resolution"]), frames, value["num_steps"],
+                  value["chunk_size"] if chunked else None)
 
+
+def entry_samples(text, suffix, where):
+    """[(where, fields)] of one entry of a sample file: its sample, or a batch's in the older format."""
     def unique_keys(pairs):  # json keeps the last of repeated keys without a word
         keys = [k for k, _ in pairs]
         repeated = sorted({k for k in keys if keys.count(k) > 1})
         if repeated:
-            raise ValueError(f"{path}: {', '.join(map(repr, repeated))} appear(s) more than once in one object")
+            raise ValueError(f"{', '.join(map(repr, repeated))} appear(s) more than once in one object")
         return dict(pairs)
 
     try:
-        batch = json.loads(path.read_text(), object_pairs_hook=unique_keys)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read the batch file {path}: {e}") from None
-    if not isinstance(batch, dict):
-        raise ValueError(f"{path}: expected a JSON object with fields {', '.join(BATCH_FIELDS)}")
-    unknown = sorted(set(batch) - set(BATCH_FIELDS))
-    if unknown:
-        raise ValueError(f"{path}: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(BATCH_FIELDS)}")
-    for field in ("inference_type", "samples"):
-        if field not in batch:
-            raise ValueError(f"{path}: missing required field {field!r}")
-    if batch["inference_type"] not in INFERENCE_TYPES:
-        raise ValueError(f"{path}: inference_type must be one of {', '.join(INFERENCE_TYPES)}, "
-                         f"got {batch['inference_type']!r}")
-    num_cond_frames = INFERENCE_TYPES[batch["inference_type"]]
-    if not isinstance(batch["samples"], dict) or not batch["samples"]:
-        raise ValueError(f"{path}: samples must be a non-empty object mapping names to samples")
+        if suffix in (".yaml", ".yml"):
+            import yaml  # optional: only .yaml files need it
 
-    negative_prompt = batch.get("negative_prompt", defaults.negative_prompt)
-    if not isinstance(negative_prompt, str):
-        raise ValueError(f"{path}: negative_prompt must be a string")
-    seed = batch.get("seed", defaults.seed)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"{path}: seed must be an integer, got {seed!r}")
-    guidance = check_guidance(batch.get("guidance", defaults.guidance), path)
-    resolution = batch.get("resolution", "none")
-    resolution = defaults.resolution if resolution == "none" else parse_resolution(resolution, path)
-    num_frames = check_num_frames(batch.get("num_output_frames", defaults.num_frames), path)
-
-    samples = []
-    for name, fields in batch["samples"].items():
-        source = f"{path}: sample {name!r}"
-        if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
-            raise ValueError(f"{source}: a sample's name becomes its file name <-o>/<name>.mp4, so it must be a plain "
-                             f"file name (no folders)")
-        if not isinstance(fields, dict):
-            raise ValueError(f"{source}: expected an object with fields {', '.join(SAMPLE_FIELDS)}")
-        unknown = sorted(set(fields) - set(SAMPLE_FIELDS))
-        if unknown:
-            raise ValueError(f"{source}: unknown field(s) {', '.join(unknown)}; "
-                             f"known fields: {', '.join(SAMPLE_FIELDS)}")
-        if "prompt_path" in fields:  # as in the reference, a prompt file wins over an inline prompt
-            prompt_path = path.parent / fields["prompt_path"]
-            if not prompt_path.is_file():
-                raise FileNotFoundError(f"{source}: prompt_path {prompt_path} does not exist")
-            prompt = prompt_path.read_text().strip()
-        elif isinstance(fields.get("prompt"), str):
-            prompt = fields["prompt"]
+            obj = yaml.safe_load(text)
         else:
-            raise ValueError(f"{source}: needs a string 'prompt' or a 'prompt_path'")
-        input_path = None
-        if num_cond_frames > 0:
-            if "input_path" not in fields:
-                raise ValueError(f"{source}: {batch['inference_type']} needs an input_path")
-            input_path = check_input(path.parent / fields["input_path"], num_cond_frames, source)
-        elif "input_path" in fields:
-            raise ValueError(f"{source}: text2world takes no input_path (use image2world or video2world)")
-        samples.append(Sample(name, prompt, input_path, num_cond_frames, negative_prompt, seed, guidance,
-                              resolution, num_frames))
-    return samples
+            obj = json.loads(text, object_pairs_hook=unique_keys)
+    except ImportError:
+        raise ValueError(f"{where}: reading .yaml needs PyYAML (pip install pyyaml), or write it as .json") from None
+    except Exception as e:  # json's and yaml's errors
+        raise ValueError(f"cannot read the sample file {where}: {e}") from None
+    if not isinstance(obj, dict) or "samples" not in obj:
+        return [(where, obj)]
+    check_fields(obj, BATCH_FIELDS, where)
+    if not isinstance(obj["samples"], dict) or not obj["samples"]:
+        raise ValueError(f"{where}: samples must be a non-empty object mapping names to samples")
+    entries, shared = [], {k: v for k, v in obj.items() if k != "samples"}
+    for name, fields in obj["samples"].items():
+        check_fields(fields, BATCH_SAMPLE_FIELDS, f"{where}: sample {name!r}")
+        if "prompt_path" in fields:  # that format's prompt file wins over an inline prompt
+            fields = {k: v for k, v in fields.items() if k != "prompt"}
+        entries.append((f"{where}: sample {name!r}", {**shared, "name": name, **fields}))
+    return entries
+
+
+def read_sample_files(paths, args):
+    """The samples of the files given to -i -> (samples, errors). A .json file holds a sample or a batch in the older
+    format, a .jsonl file a sample a line, a .yaml file a sample. Paths in a file are relative to its folder; names
+    are unique over all files. A bad entry (a file or a line) raises, or with args.keep_going is reported in
+    `errors` and skipped."""
+    samples, errors = [], []
+    for path in map(Path, paths):
+        if path.suffix not in (".json", ".jsonl", ".yaml", ".yml") or not path.is_file():
+            raise ValueError(f"-i {path}: expected an existing .json, .jsonl or .yaml file")
+        text = path.read_text()
+        lines = [(f"{path} line {i}", line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+        for where, text in lines if path.suffix == ".jsonl" else [(str(path), text)]:
+            try:
+                found = [parse_sample(f, args, path.parent, w) for w, f in entry_samples(text, path.suffix, where)]
+                taken = {s.name for s in samples} & {s.name for s in found}
+                if taken:
+                    raise ValueError(f"{where}: sample name(s) {', '.join(sorted(taken))} used before (names make "
+                                     f"the file names)")
+                samples += found
+            except (ValueError, OSError) as e:
+                if not args.keep_going:
+                    raise
+                errors.append(str(e))
+    return samples, errors
 
 
 def read_condition_frames(sample):
@@ -568,10 +620,10 @@ def load_vae(path, device):
 
 @torch.no_grad()
 def generate(net, vae, sample, condition_frames, text_emb, neg_text_emb, device, steps=35, shift=5.0,
-             sampler="unipc", progress=False, cfg_group=None):
+             sampler="unipc", progress=None, cfg_group=None):
     """One sample -> (video uint8 [T,H,W,3], latents [1,16,t,h,w] fp32). condition_frames: uint8 [k,H,W,3]
     from read_condition_frames (None for Text2World); text_emb, neg_text_emb: [1,L,D] (neg None when g = 0);
-    cfg_group: the guidance pair of make_velocity_fn (None: both passes here)."""
+    cfg_group: the guidance pair of make_velocity_fn (None: both passes here); progress: a progress bar's label."""
     from prep_data import frames_to_tensor
 
     H, W = sample.resolution
@@ -592,6 +644,30 @@ def generate(net, vae, sample, condition_frames, text_emb, neg_text_emb, device,
     # the reference's conversion: to [0,1], clamp, x255, truncate
     video = ((video + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8).permute(1, 2, 3, 0)  # [T,H,W,3]
     return video.cpu(), latents.cpu()
+
+
+@torch.no_grad()
+def generate_chunks(net, vae, sample, condition_frames, text_emb, neg_text_emb, device, steps=35, shift=5.0,
+                    sampler="unipc", progress=None, cfg_group=None, model_frames=DEFAULT_NUM_FRAMES):
+    """A long video in autoregressive chunks, as the reference's generate_autoregressive_from_batch does it ->
+    (video uint8 [num_frames,H,W,3], latents [chunks,16,t,h,w]). Chunk k holds the frames [k s, k s + chunk_size)
+    (stride s = chunk_size - 1), cut at num_frames; generate makes it at the model's length `model_frames` with
+    seed + k, and it keeps its first frames. Chunk 0 is conditioned like the sample; each later one like
+    Image2World on its first frame, the last frame of the chunk before, and drops that frame."""
+    size, total = sample.chunk_size, sample.num_frames
+    starts = range(0, max(total - size, 0) + size - 1, size - 1)  # until a chunk reaches the last frame
+    video, latents = [], []
+    for k, start in enumerate(starts):
+        chunk = replace(sample, seed=sample.seed + k, num_frames=model_frames,
+                        num_cond_frames=1 if k else sample.num_cond_frames)
+        cond = video[-1][-1:].numpy() if k else condition_frames
+        label = progress and f"{progress}, chunk {k + 1}/{len(starts)}"
+        frames, z = generate(net, vae, chunk, cond, text_emb, neg_text_emb, device, steps, shift, sampler, label,
+                             cfg_group)
+        end = min(start + size, total)
+        video.append(frames[1 if k else 0:end - start])  # a later chunk's first frame is the chunk before's last
+        latents.append(z)
+    return torch.cat(video), torch.cat(latents)
 
 
 def generate_to_file(net, path, vae, text_emb, neg_text_emb=None, num_frames=DEFAULT_NUM_FRAMES,
@@ -639,10 +715,14 @@ def build_parser():
     src.add_argument("--image", help="Image2World: condition on this image (1 latent frame); given a video, on its "
                                      "last frame, as the reference does")
     src.add_argument("--video", help="Video2World: condition on the last 5 frames of this video (2 latent frames)")
-    what.add_argument("-i", "--input", help="a JSON batch in the reference's format (inference_type, samples, ...)")
-    what.add_argument("-o", "--output", required=True, help="output .mp4 (one sample) or folder (a batch)")
+    what.add_argument("-i", "--input", nargs="+", metavar="FILE", help="sample files in the reference's formats: "
+                      ".json (a sample, or the older batch), .jsonl (a sample a line), .yaml")
+    what.add_argument("-o", "--output", required=True, help="output .mp4 (one sample) or folder (-i: <name>.mp4)")
+    what.add_argument("--keep_going", action=argparse.BooleanOptionalAction, default=True,
+                      help="-i: report a bad entry and go on with the rest, exit status 1 at the end (default: on)")
     what.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    what.add_argument("--save_latents", action="store_true", help="also write the final latents (.safetensors)")
+    what.add_argument("--save_latents", action="store_true",
+                      help="also write the final latents (.safetensors; a long video's: one row per chunk)")
     nets = p.add_argument_group("weights")
     nets.add_argument("--ckpt", required=True, help="DiT checkpoint in the official layout (e.g. model_ema_bf16.pt)")
     nets.add_argument("--lora", action="append", default=[], type=parse_lora_spec, metavar="FILE[:SCALE]",
@@ -656,7 +736,7 @@ def build_parser():
     nets.add_argument("--text_encoder", help="Cosmos-Reason1 folder (Hugging Face layout)")
     nets.add_argument("--prompt_embeds", help="cached embeddings instead of the text encoder: a file with tensors "
                                               "'prompt' and 'negative_prompt' [512,100352]")
-    how = p.add_argument_group("sampling (a JSON batch's own fields take precedence)")
+    how = p.add_argument_group("sampling (a sample file's own fields take precedence)")
     how.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT,
                      help="the unconditional branch's prompt (default: the reference's)")
     how.add_argument("--guidance", type=float, default=7.0,
@@ -666,7 +746,8 @@ def build_parser():
     how.add_argument("--resolution", default=f"{DEFAULT_RESOLUTION[0]},{DEFAULT_RESOLUTION[1]}",
                      help="H,W in pixels, multiples of 16 (default: %(default)s)")
     how.add_argument("--num_frames", type=int, default=DEFAULT_NUM_FRAMES,
-                     help="pixel frames, 1 + 4k (default: %(default)s)")
+                     help="pixel frames, 1 + 4k (default: %(default)s); more: in autoregressive chunks")
+    how.add_argument("--chunk_size", type=int, default=77, help="frames per chunk of a long video (default: 77)")
     how.add_argument("--steps", type=checked(int, lambda n: n >= 1, "an integer >= 1"), default=35,
                      help="sampler steps (default: %(default)s)")
     how.add_argument("--shift", type=checked(float, lambda x: 0 < x < math.inf, "a number > 0"), default=5.0,
@@ -708,9 +789,10 @@ def check_context_parallel(cp, cfg_parallel, world, num_heads, samples):
         raise ValueError(f"context parallelism over {cp} processes splits the DiT's {num_heads} attention heads "
                          f"evenly: choose a --context_parallel_size that divides {num_heads} (1: a sample per process)")
     for s in samples:
-        latent_frames = 1 + (s.num_frames - 1) // VAE_TIME_FACTOR
+        frames = DEFAULT_NUM_FRAMES if s.chunk_size else s.num_frames  # a long video's chunks have the model's length
+        latent_frames = 1 + (frames - 1) // VAE_TIME_FACTOR
         if latent_frames % cp:
-            raise ValueError(f"sample {s.name!r}: {s.num_frames} frames make {latent_frames} latent frames, which "
+            raise ValueError(f"sample {s.name!r}: {frames} frames make {latent_frames} latent frames, which "
                              f"context parallelism cannot split evenly over {cp} processes; choose num_frames = 1 + 4k "
                              f"with (1 + k) a multiple of {cp}, or another --context_parallel_size")
 
@@ -739,27 +821,22 @@ def context_parallel_groups(cp, cfg_parallel, rank, world, device):
 
 
 def samples_from_args(args):
-    """The samples to generate, checked (files exist, values valid), before anything heavy runs."""
-    defaults = Sample(name="", prompt="", input_path=None, num_cond_frames=0, negative_prompt=args.negative_prompt,
-                      seed=args.seed, guidance=check_guidance(args.guidance, "--guidance"),
-                      resolution=parse_resolution(args.resolution, "--resolution"),
-                      num_frames=check_num_frames(args.num_frames, "--num_frames"))
+    """(the samples to generate, the errors of the bad entries of -i files skipped by --keep_going), checked
+    (files exist, values valid) before anything heavy runs."""
     if args.input:
         if args.prompt or args.image or args.video or args.prompt_embeds:
-            raise ValueError("-i takes the prompts and inputs from the JSON file: drop --prompt/--image/--video/"
+            raise ValueError("-i takes the prompts and inputs from its files: drop --prompt/--image/--video/"
                              "--prompt_embeds")
-        return parse_batch_file(args.input, defaults)
+        return read_sample_files(args.input, args)
     if not args.prompt and not args.prompt_embeds:
-        raise ValueError("give --prompt (or --prompt_embeds), or a JSON batch with -i")
+        raise ValueError("give --prompt (or --prompt_embeds), or sample files with -i")
     if args.prompt and args.prompt_embeds:
         raise ValueError("--prompt_embeds replaces the prompt's text: give --prompt or --prompt_embeds, not both")
-    n = 1 if args.image else 2 if args.video else 0
-    path = args.image or args.video
-    defaults.name = Path(args.output).stem
-    defaults.prompt = args.prompt or ""
-    defaults.num_cond_frames = n
-    defaults.input_path = check_input(path, n, "--image" if args.image else "--video") if n else None
-    return [defaults]
+    fields = {"name": Path(args.output).stem, "inference_type": "text2world", "prompt": args.prompt or ""}
+    if args.image or args.video:
+        mode = "image2world" if args.image else "video2world"
+        fields.update(inference_type=mode, input_path=args.image or args.video)
+    return [parse_sample(fields, args, Path(), "--image" if args.image else "--video")], []
 
 
 def output_paths(args, samples):
@@ -785,7 +862,21 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if (args.text_encoder is None) == (args.prompt_embeds is None):
         raise ValueError("give exactly one of --text_encoder and --prompt_embeds")
-    samples = samples_from_args(args)
+    samples, failed = samples_from_args(args)
+    frames = {}
+    for s in samples:  # every rank decodes every input, so that all skip the same bad ones
+        try:
+            frames[s.name] = read_condition_frames(s) if s.num_cond_frames else None
+        except (ValueError, OSError) as e:
+            if not args.keep_going:
+                raise
+            failed.append(f"sample {s.name!r}: {e}")
+    samples = [s for s in samples if s.name in frames]
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not samples:
+        raise ValueError("; ".join(failed) or "the -i files hold no sample")
+    for error in failed if rank == 0 else []:
+        print(f"sample.py: skipped: {error}", file=sys.stderr)
     if args.prompt_embeds and len(samples) != 1:
         raise ValueError("--prompt_embeds holds one prompt's embeddings; a batch needs --text_encoder")
     paths = output_paths(args, samples)
@@ -800,22 +891,15 @@ def main(argv=None):
         raise FileNotFoundError(f"--text_encoder {args.text_encoder}: no such folder")
 
     # Everything that can be wrong with the inputs shows up here, on every rank, before any heavy work: the
-    # conditioning images and videos are decoded, the DiT checkpoint and the adapters are opened memory-mapped
+    # conditioning images and videos were decoded, the DiT checkpoint and the adapters are opened memory-mapped
     # and their shapes checked, and so are the VAE file and the width of the text embeddings.
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     net = load_dit(args.ckpt, args.lora, args.config, args.force)
     check_text_width(net, args.text_encoder, args.prompt_embeds)
     pair = 2 if args.cfg_parallel else 1  # processes per sample at least
     cp = args.context_parallel_size or pair * default_context_parallel_size(len(samples), max(world // pair, 1))
     check_context_parallel(cp, args.cfg_parallel, world, net.cfg.num_heads, samples)
     mine = samples[rank // cp::world // cp]  # group g (processes g*cp ... g*cp + cp-1): samples g, g + world/cp, ...
-    mine_names = {s.name for s in mine}
-    frames = {}
-    for s in samples:
-        if s.num_cond_frames:
-            pixels = read_condition_frames(s)
-            if s.name in mine_names:
-                frames[s.name] = pixels
+    frames = {s.name: frames[s.name] for s in mine}
     wan_vae_config(read_tensor_file(args.vae, "Wan VAE checkpoint"), args.vae)
 
     if torch.cuda.is_available():
@@ -827,7 +911,7 @@ def main(argv=None):
     if not mine:  # more processes than samples: nothing to do here
         if dist.is_initialized():
             dist.destroy_process_group()
-        return
+        return failed
     # the text encoder runs first and is freed; then the DiT's weights go to the device, then the VAE
     embeddings = text_embeddings(mine, args.text_encoder, args.prompt_embeds, device)
     net = dit_to_device(net, device, args.merge)
@@ -838,8 +922,9 @@ def main(argv=None):
 
     for s in mine:
         neg = embeddings[s.negative_prompt] if s.guidance else None
-        video, latents = generate(net, vae, s, frames.get(s.name), embeddings[s.prompt], neg, device, args.steps,
-                                  args.shift, args.sampler, progress=rank == 0, cfg_group=cfg_group)
+        video, latents = (generate_chunks if s.chunk_size else generate)(
+            net, vae, s, frames[s.name], embeddings[s.prompt], neg, device, s.steps, args.shift, args.sampler,
+            progress=s.name if rank == 0 else None, cfg_group=cfg_group)
         if rank % cp:  # the group's first process writes
             continue
         path = paths[s.name]
@@ -850,10 +935,13 @@ def main(argv=None):
               f"{s.resolution[0]}x{s.resolution[1]}, seed {s.seed} -> {path}")
     if dist.is_initialized():
         dist.destroy_process_group()
+    return failed  # the errors of the entries of -i files skipped by --keep_going
 
 
 if __name__ == "__main__":
     try:
-        main()
+        failed = main()
     except (ValueError, OSError) as e:  # bad input (a missing or unreadable file, a wrong value): no traceback
         raise SystemExit(f"sample.py: error: {e}") from None
+    if failed:
+        raise SystemExit(f"sample.py: {len(failed)} bad entr{'y' if len(failed) == 1 else 'ies'} skipped (above)")

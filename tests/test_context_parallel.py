@@ -212,6 +212,18 @@ def test_sample_cli_one_video_on_two_processes_equals_one(files, one_process_lat
     assert video.shape == (13, 32, 48, 3) and video.std() > 1
 
 
+@pytest.mark.parametrize("extra", [[], ["--cfg_parallel"]], ids=["context_parallel", "cfg_parallel"])
+def test_sample_cli_long_video_on_two_processes_equals_one(files, tmp_path, extra):
+    """A long video's chunks (93 frames each) split over two processes as a video does."""
+    long = ["--num_frames", "97", "--steps", "1"]
+    latents = []
+    for nproc in (1, 2):
+        run_sample(files, tmp_path / f"{nproc}.mp4", nproc=nproc, extra=long + extra * (nproc - 1))
+        latents.append(load_file(tmp_path / f"{nproc}.safetensors")["latents"])
+    assert latents[0].shape == (2, 16, 24, 4, 6)
+    assert rel_err(latents[1], latents[0]) <= 1e-5
+
+
 def test_default_context_parallel_size():
     assert sample.default_context_parallel_size(1, 1) == 1
     assert sample.default_context_parallel_size(1, 8) == 8  # one video: all processes share it

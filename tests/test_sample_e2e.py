@@ -10,6 +10,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -281,6 +282,61 @@ def test_json_batch_is_the_same_on_one_and_two_processes(files, tmp_path):
     assert rel_err(a[:, :, 1:], b[:, :, 1:]) > 1e-5
 
 
+def test_cli_reads_the_references_sample_files(files, tmp_path):
+    """The shapes of the reference's example files (one sample a .json: text2world with a prompt file, image2world
+    with a .jpg, video2world with an .mp4) and a .jsonl of three samples, one bad: the others are written, each
+    with its own settings, the bad one is reported, and the exit status says so."""
+    from PIL import Image
+
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    Image.fromarray(np.random.RandomState(1).randint(0, 256, (40, 56, 3), dtype=np.uint8)).save(assets / "weld.jpg")
+    (assets / "sand.mp4").write_bytes((files / "in.mp4").read_bytes())
+    (assets / "snow.txt").write_text("A snowy stop light.\n")
+    samples = {"t2w.json": {"inference_type": "text2world", "name": "snow", "prompt_path": "snow.txt"},
+               "i2w.json": {"inference_type": "image2world", "name": "weld", "prompt": "A robot welds.",
+                            "input_path": "weld.jpg", "seed": 0},
+               "v2w.json": {"inference_type": "video2world", "name": "sand", "prompt": "Sand mining.",
+                            "input_path": "sand.mp4", "guidance": 0}}
+    for file, sample_fields in samples.items():
+        (assets / file).write_text(json.dumps(sample_fields, indent=2))
+    (assets / "more.jsonl").write_text("\n".join(json.dumps(line) for line in [
+        {"inference_type": "text2world", "name": "a", "prompt": "A robot.", "num_steps": 1},
+        {"inference_type": "image2world", "name": "b", "prompt": "A robot.", "input_path": "missing.jpg"},
+        {"inference_type": "video2world", "name": "c", "prompt": "A robot.", "input_path": "sand.mp4"}]))
+    inputs = [f"assets/{f}" for f in [*samples, "more.jsonl"]]  # relative to the working folder, and so their paths
+    result = run_cli(["-i", *inputs, "-o", "out", "--save_latents", *weights(files), *small(steps=2)], cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert "skipped: assets/more.jsonl line 2: input file assets/missing.jpg does not exist" in result.stderr
+    assert result.stderr.endswith("sample.py: 1 bad entry skipped (above)\n")
+    for name, mode in [("snow", "text2world"), ("weld", "image2world"), ("sand", "video2world"), ("a", "text2world"),
+                       ("c", "video2world")]:
+        assert f"{name}: {mode}, {NUM_FRAMES} frames" in result.stdout
+        assert frames_of(tmp_path / "out" / f"{name}.mp4").shape == (NUM_FRAMES, H, W, 3)
+    assert not (tmp_path / "out" / "b.mp4").exists()
+    assert "seed 0 -> out/weld.mp4" in result.stdout and "seed 1 -> out/snow.mp4" in result.stdout  # --seed 1
+    # each sample's steps in its progress bar: num_steps 1 for a, --steps 2 for the others
+    assert re.search(r"\ba: 100%\|[^|\r]*\| 1/1 ", result.stderr)
+    assert re.search(r"\bc: 100%\|[^|\r]*\| 2/2 ", result.stderr)
+
+
+def test_cli_long_video_in_autoregressive_chunks(files, tmp_path):
+    """--num_frames beyond the model's 93: chunks of 77 frames at a stride of 76, each made at 93 frames with the
+    next seed; the first is exactly the one-pass video of the same seed and input."""
+    common = ["--prompt", "p", "--image", str(files / "in.png"), "--seed", "3", "--guidance", "0", "--save_latents",
+              *weights(files), "--resolution", f"{H},{W}", "--steps", "1"]
+    result = run_cli([*common, "--num_frames", "97", "-o", str(tmp_path / "long.mp4")])
+    assert result.returncode == 0, result.stderr
+    assert "long, chunk 1/2: 100%" in result.stderr and "long, chunk 2/2: 100%" in result.stderr
+    info = video_info(tmp_path / "long.mp4")
+    assert (info.num_frames, info.height, info.width) == (97, H, W)
+    latents = load_file(tmp_path / "long.safetensors")["latents"]
+    assert latents.shape == (2, 16, 24, H // 8, W // 8)
+    assert run_cli([*common, "--num_frames", "93", "-o", str(tmp_path / "one.mp4")]).returncode == 0
+    one = load_file(tmp_path / "one.safetensors")["latents"]
+    assert torch.equal(latents[:1], one) and rel_err(latents[1:], one) > 0.1
+
+
 @pytest.mark.parametrize("args,message", [
     (["--video", "short.mp4"], "short.mp4 has 4 frame(s); video2world needs at least 5"),
     (["--lora", "other_size.safetensors"], "other_size.safetensors: adapter 'lora0' does not fit the model"),
@@ -356,6 +412,23 @@ def test_adapter_of_another_base_is_refused_unless_forced(files, tmp_path, no_he
         sample.main(args)
     with pytest.raises(AssertionError, match="heavy work started"):  # forced, it goes on to the networks
         sample.main(args + ["--force"])
+
+
+def test_keep_going_skips_an_input_that_does_not_decode(files, tmp_path, monkeypatch, capsys):
+    lines = [{"inference_type": "image2world", "name": n, "prompt": "p", "input_path": str(files / f)}
+             for n, f in [("good", "in.png"), ("bad", "broken.png")]]
+    (tmp_path / "s.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    args = ["-i", str(tmp_path / "s.jsonl"), "-o", str(tmp_path / "out"), *weights(files), *small()]
+    with pytest.raises(ValueError, match="broken.png: cannot decode the image"):
+        sample.main(args + ["--no-keep_going"])
+
+    def text_embeddings(samples, *args):  # where the heavy work would start
+        raise AssertionError(f"generating {[s.name for s in samples]}")
+
+    monkeypatch.setattr(sample, "text_embeddings", text_embeddings)
+    with pytest.raises(AssertionError, match=r"generating \['good'\]"):
+        sample.main(args)
+    assert "sample.py: skipped: sample 'bad': " in capsys.readouterr().err
 
 
 def test_text_encoder_is_freed_before_the_dit_reaches_the_device(files, tmp_path, monkeypatch):

@@ -3,14 +3,15 @@ noise, JSON batches and input checks. CPU, small tensors."""
 
 import argparse
 import json
+import math
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import sample
-from sample import (DEFAULT_NEGATIVE_PROMPT, euler_sample, flow_schedule, initial_noise, make_velocity_fn,
-                    parse_batch_file, unipc_sample)
+from sample import DEFAULT_NEGATIVE_PROMPT, euler_sample, flow_schedule, initial_noise, make_velocity_fn, unipc_sample
 
 # the reference's 35 timesteps at shift 5 (spec/vae_text_encoder_inference.md §3.5)
 REFERENCE_TIMESTEPS_35 = [999, 993, 987, 981, 974, 967, 960, 952, 943, 935, 925, 915, 905, 894, 882, 869, 855, 840,
@@ -292,6 +293,18 @@ def cli_defaults(**kw):
     return sample.Sample(**fields)
 
 
+def cli_args(*argv):
+    """The command line, whose sampling options give a file's samples the settings they leave out."""
+    return sample.build_parser().parse_args(["-o", "out", "--ckpt", "c.pt", "--vae", "v.pth", "--no-keep_going",
+                                             *argv])
+
+
+def parse_batch_file(*paths, args):
+    samples, errors = sample.read_sample_files(paths, args)
+    assert errors == []
+    return samples
+
+
 def write_json(tmp_path, obj, name="batch.json"):
     path = tmp_path / name
     path.write_text(json.dumps(obj))
@@ -306,7 +319,7 @@ def test_json_batch_reference_format(tmp_path):
         "samples": {"a": {"prompt": "inline", "prompt_path": "p.txt", "input_path": "robot.jpg"},
                     "b": {"prompt": "second", "input_path": "robot.jpg"}},
         "seed": 0, "guidance": 3, "num_output_frames": 93, "resolution": "432,768", "negative_prompt": "bad"})
-    a, b = parse_batch_file(path, cli_defaults())
+    a, b = parse_batch_file(path, args=cli_args())
     assert (a.name, a.prompt, b.prompt) == ("a", "A video of sks teal robot.", "second")  # prompt_path wins
     assert a.input_path == tmp_path / "robot.jpg" and a.num_cond_frames == 1
     assert (a.seed, a.guidance, a.resolution, a.num_frames, a.negative_prompt) == (0, 3, (432, 768), 93, "bad")
@@ -314,7 +327,8 @@ def test_json_batch_reference_format(tmp_path):
     # fields left out come from the command line; "none" resolution means the default
     path = write_json(tmp_path, {"inference_type": "text2world", "samples": {"t": {"prompt": "p"}},
                                  "resolution": "none"})
-    (t,) = parse_batch_file(path, cli_defaults(seed=5, guidance=0.0, num_frames=9, resolution=(64, 96)))
+    (t,) = parse_batch_file(path, args=cli_args("--seed", "5", "--guidance", "0", "--num_frames", "9",
+                                           "--resolution", "64,96"))
     assert (t.num_cond_frames, t.seed, t.guidance, t.num_frames, t.resolution) == (0, 5, 0.0, 9, (64, 96))
     assert t.negative_prompt == DEFAULT_NEGATIVE_PROMPT and t.input_path is None
 
@@ -323,11 +337,11 @@ def test_json_unknown_fields_list_the_known_ones(tmp_path):
     path = write_json(tmp_path, {"inference_type": "text2world", "samples": {"t": {"prompt": "p"}}, "num_steps": 3})
     with pytest.raises(ValueError, match="unknown field.*num_steps.*known fields: inference_type, samples, "
                                          "negative_prompt, seed, guidance, resolution, num_output_frames"):
-        parse_batch_file(path, cli_defaults())
+        parse_batch_file(path, args=cli_args())
     path = write_json(tmp_path, {"inference_type": "text2world", "samples": {"t": {"prompt": "p", "promt": "x"}}})
     with pytest.raises(ValueError, match="sample 't'.*unknown field.*promt.*known fields: prompt, prompt_path, "
                                          "input_path"):
-        parse_batch_file(path, cli_defaults())
+        parse_batch_file(path, args=cli_args())
 
 
 @pytest.mark.parametrize("batch,error", [
@@ -353,28 +367,107 @@ def test_json_unknown_fields_list_the_known_ones(tmp_path):
 def test_json_errors(tmp_path, batch, error):
     (tmp_path / "img.png").write_bytes(b"x")
     with pytest.raises((ValueError, FileNotFoundError), match=error):
-        parse_batch_file(write_json(tmp_path, batch), cli_defaults())
+        parse_batch_file(write_json(tmp_path, batch), args=cli_args())
 
 
 @pytest.mark.parametrize("name", ["../escaped", "./a", "sub/a", "..", "", "a\\b"])
 def test_json_sample_names_are_file_names(tmp_path, name):
     with pytest.raises(ValueError, match="must be a plain file name"):
         parse_batch_file(write_json(tmp_path, {"inference_type": "text2world", "samples": {name: {"prompt": "p"}}}),
-                         cli_defaults())
+                         args=cli_args())
 
 
 def test_json_repeated_names(tmp_path):
     path = tmp_path / "b.json"  # json.dumps cannot repeat a key: written by hand
     path.write_text('{"inference_type": "text2world", "samples": {"a": {"prompt": "p"}, "a": {"prompt": "q"}}}')
     with pytest.raises(ValueError, match="b.json: 'a' appear\\(s\\) more than once"):
-        parse_batch_file(path, cli_defaults())
+        parse_batch_file(path, args=cli_args())
 
 
 def test_json_not_json(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text("{not json")
-    with pytest.raises(ValueError, match="cannot read the batch file .*bad.json"):
-        parse_batch_file(path, cli_defaults())
+    with pytest.raises(ValueError, match="cannot read the sample file .*bad.json"):
+        parse_batch_file(path, args=cli_args())
+
+
+def test_sample_files_in_the_current_format(tmp_path, monkeypatch):
+    """The reference's current files (cosmos_predict2/config.py InferenceArguments): a .json holds one sample, a
+    .yaml one, paths relative to the file's folder; what a sample leaves out comes from the command line."""
+    d = tmp_path / "assets"
+    d.mkdir()
+    for f in ("robot.jpg", "clip.mp4"):
+        (d / f).write_bytes(b"x")
+    (d / "p.txt").write_text(" A robot.\n")
+    files = [write_json(d, {"inference_type": "text2world", "name": "t", "prompt_path": "p.txt"}, "t.json"),
+             write_json(d, {"inference_type": "image2world", "name": "i", "prompt": "q", "input_path": "robot.jpg",
+                            "seed": 0, "guidance": 3, "resolution": "432,768", "num_output_frames": 77,
+                            "num_steps": 20, "negative_prompt": "bad"}, "i.json"),
+             write_json(d, {"inference_type": "video2world", "name": "v", "prompt": "r", "input_path": "clip.mp4",
+                            "enable_autoregressive": True, "chunk_size": 45, "chunk_overlap": 1}, "v.json"),
+             d / "y.yaml"]
+    files[-1].write_text("inference_type: image2world\nname: y\nprompt: a robot\ninput_path: clip.mp4\n"
+                         "num_output_frames: 200\n")
+    monkeypatch.chdir(tmp_path)  # not the files' folder
+    cli = cli_args("--seed", "5", "--steps", "9", "--num_frames", "9", "--resolution", "64,96", "--chunk_size", "61")
+    t, i, v, y = parse_batch_file(*files, args=cli)
+    assert (t.name, t.prompt, t.num_cond_frames, t.input_path) == ("t", "A robot.", 0, None)
+    assert (t.seed, t.guidance, t.steps, t.num_frames, t.resolution, t.chunk_size) == (5, 7.0, 9, 9, (64, 96), None)
+    assert (i.num_cond_frames, i.input_path, i.seed, i.guidance, i.resolution, i.num_frames, i.steps,
+            i.negative_prompt) == (1, d / "robot.jpg", 0, 3, (432, 768), 77, 20, "bad")
+    assert (v.num_cond_frames, v.input_path, v.num_frames, v.chunk_size) == (2, d / "clip.mp4", 9, 45)
+    # beyond the model's 93 frames a video is made in chunks, of --chunk_size where the file sets none
+    assert (y.name, y.num_cond_frames, y.input_path, y.num_frames, y.chunk_size) == ("y", 1, d / "clip.mp4", 200, 61)
+    (long,) = parse_batch_file(files[0], args=cli_args("--num_frames", "229"))
+    assert (long.num_frames, long.chunk_size) == (229, 77)
+
+    monkeypatch.setitem(sys.modules, "yaml", None)  # PyYAML not installed
+    with pytest.raises(ValueError, match="y.yaml: reading .yaml needs PyYAML"):
+        parse_batch_file(files[-1], args=cli)
+
+
+@pytest.mark.parametrize("fields,error", [
+    ({"prompt": "p", "promt": "x"}, "s.json: unknown field\\(s\\) promt; known fields: name, inference_type, prompt"),
+    ({"prompt": "p", "prompt_path": "p.txt"}, "needs a string 'prompt' or a 'prompt_path' \\(one of them\\)"),
+    ({"prompt": "p", "num_output_frames": 90}, "s.json: num_output_frames: the number of frames in one pass must be "
+                                               "1 \\+ 4k"),
+    ({"prompt": "p", "num_steps": 0}, "s.json: num_steps must be >= 1, got 0"),
+    ({"prompt": "p", "seed": -1}, "s.json: seed must be from 0 to 4294967295, got -1"),
+    ({"prompt": "p", "guidance": "7"}, "s.json: guidance must be a number, got '7'"),
+    ({"prompt": "p", "seed": True}, "s.json: seed must be an integer, got True"),
+    ({"prompt": "p", "enable_autoregressive": 1}, "enable_autoregressive must be true or false, got 1"),
+    ({"prompt": "p", "num_output_frames": 200, "chunk_size": 97}, "chunk_size must be from 5 to 93, got 97"),
+    ({"prompt": "p", "num_output_frames": 200, "chunk_overlap": 2}, "chunk_overlap must be from 1 to 1, got 2"),
+    ({"prompt": "p", "name": "a/b"}, "must be a plain file name"),
+    ({"prompt": "p", "inference_type": ["text2world"]}, "inference_type must be one of text2world, image2world"),
+])
+def test_sample_file_errors_name_the_file_and_field(tmp_path, fields, error):
+    path = write_json(tmp_path, {"inference_type": "text2world", "name": "s", **fields}, "s.json")
+    with pytest.raises(ValueError, match=error):
+        parse_batch_file(path, args=cli_args())
+
+
+def test_jsonl_keep_going_and_unique_names(tmp_path):
+    (tmp_path / "robot.jpg").write_bytes(b"x")
+    lines = [{"inference_type": "text2world", "name": "a", "prompt": "p"},
+             {"inference_type": "text2world", "name": "b", "prompt": "p", "input_path": "robot.jpg"},
+             {"inference_type": "image2world", "name": "c", "prompt": "p", "input_path": "robot.jpg"}]
+    jsonl = tmp_path / "s.jsonl"
+    jsonl.write_text("\n\n".join(json.dumps(line) for line in lines))  # blank lines are skipped
+    samples, errors = sample.read_sample_files([jsonl], cli_args("--keep_going"))
+    assert [s.name for s in samples] == ["a", "c"] and samples[1].input_path == tmp_path / "robot.jpg"
+    assert len(errors) == 1 and "s.jsonl line 3: text2world takes no input_path" in errors[0]
+    with pytest.raises(ValueError, match="s.jsonl line 3: text2world takes no input_path"):
+        sample.read_sample_files([jsonl], cli_args())  # --no-keep_going
+    # names are unique over all files; a file that is no sample file is refused at once
+    other = write_json(tmp_path, {"inference_type": "text2world", "name": "c", "prompt": "q"}, "other.json")
+    samples, errors = sample.read_sample_files([jsonl, other], cli_args("--keep_going"))
+    assert [s.name for s in samples] == ["a", "c"] and samples[1].prompt == "p"
+    assert len(errors) == 2 and "other.json: sample name(s) c used before" in errors[1]
+    (tmp_path / "p.txt").write_text("{}")
+    for path in (tmp_path / "p.txt", tmp_path / "missing.json"):
+        with pytest.raises(ValueError, match=f"-i {path}: expected an existing .json, .jsonl or .yaml file"):
+            sample.read_sample_files([path], cli_args("--keep_going"))
 
 
 def args_for(argv):
@@ -386,12 +479,12 @@ def test_command_line_samples(tmp_path):
     img.write_bytes(b"x")
     vid = tmp_path / "in.mp4"
     vid.write_bytes(b"x")
-    (s,) = sample.samples_from_args(args_for(["--prompt", "p", "--image", str(img), "-o", "out.mp4", "--seed", "3"]))
+    (s,), _ = sample.samples_from_args(args_for(["--prompt", "p", "--image", str(img), "-o", "out.mp4", "--seed", "3"]))
     assert (s.name, s.num_cond_frames, s.input_path, s.seed, s.guidance) == ("out", 1, img, 3, 7.0)
-    (s,) = sample.samples_from_args(args_for(["--prompt", "p", "--video", str(vid), "-o", "x.mp4",
-                                              "--resolution", "64,96", "--num_frames", "9"]))
+    (s,), _ = sample.samples_from_args(args_for(["--prompt", "p", "--video", str(vid), "-o", "x.mp4",
+                                                 "--resolution", "64,96", "--num_frames", "9"]))
     assert (s.num_cond_frames, s.resolution, s.num_frames) == (2, (64, 96), 9)
-    (s,) = sample.samples_from_args(args_for(["--prompt", "p", "-o", "x.mp4", "--guidance", "0"]))
+    (s,), _ = sample.samples_from_args(args_for(["--prompt", "p", "-o", "x.mp4", "--guidance", "0"]))
     assert (s.num_cond_frames, s.input_path, s.guidance) == (0, None, 0.0)
     args = args_for(["--prompt", "p", "-o", "x.mp4", "--seed", str(2**32 - 1), "--shift", "0.5", "--fps", "1"])
     assert (args.seed, args.shift, args.fps) == (2**32 - 1, 0.5, 1)
@@ -434,7 +527,7 @@ def test_existing_output_is_not_overwritten(tmp_path):
     out = tmp_path / "out.mp4"
     out.write_bytes(b"old")
     args = args_for(["--prompt", "p", "-o", str(out)])
-    samples = sample.samples_from_args(args)
+    samples, _ = sample.samples_from_args(args)
     with pytest.raises(FileExistsError, match="--overwrite"):
         sample.output_paths(args, samples)
     args = args_for(["--prompt", "p", "-o", str(out), "--overwrite"])
@@ -472,6 +565,82 @@ def test_lora_spec(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_code:  # the command line says which option
         args_for(["--prompt", "p", "-o", "out.mp4", "--lora", f"{f}:abc"])
     assert exit_code.value.code == 2 and "argument --lora: " in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# long videos in autoregressive chunks
+
+
+def toy_model(cond, seed, frames):
+    """A stand-in for one pass of the model: uint8 frames [frames,2,2,3] from the seed and the conditioning pixels,
+    which it gives back as its first frames."""
+    video = np.random.RandomState(seed).randint(0, 256, (frames, 2, 2, 3))
+    if cond is not None:
+        video = (video + int(cond.astype(np.int64).sum())) % 256
+        video[:len(cond)] = cond
+    return video.astype(np.uint8)
+
+
+def reference_long_video(cond, from_video, n_cond, num_output_frames, chunk_size, chunk_overlap, seed, model_frames):
+    """generate_autoregressive_from_batch (cosmos_predict2/_src/predict2/inference/video2world.py) as its code reads,
+    with toy_model for generate_vid2world, which sees the first n latent frames of its input, the first 1 + 4(n-1)
+    pixel frames (the VAE is causal). Returns the video and the (seed, n, conditioning pixels) of each chunk."""
+    N = num_output_frames
+    full = np.zeros((N, 2, 2, 3), np.uint8)  # text2world: zeros; an image: then zeros; a video: its last frame
+    if cond is not None:
+        full[:len(cond)] = cond
+        if from_video:
+            full[len(cond):] = cond[-1]
+    stride = chunk_size - chunk_overlap
+    num_chunks = 1 if N <= chunk_size else 1 + math.ceil((N - chunk_size) / stride)
+    chunks, calls = [], []
+    for k in range(num_chunks):
+        start, end = k * stride, min(k * stride + chunk_size, N)
+        chunk_input = np.zeros((model_frames, 2, 2, 3), np.uint8)  # padded to the model's length with zeros
+        chunk_input[:end - start] = full[start:end]
+        n = n_cond if k == 0 else chunk_overlap
+        pixels = chunk_input[:1 + 4 * (n - 1)] if n else None
+        calls.append((seed + k, n, pixels))
+        video = toy_model(pixels, seed + k, model_frames)[:end - start]
+        chunks.append(video if k == 0 else video[chunk_overlap:])
+        if k < num_chunks - 1:
+            full[start + n:end] = video[n:]
+    return np.concatenate(chunks), calls
+
+
+@pytest.mark.parametrize("num_frames,chunk_size", [(9, 9), (7, 9), (10, 9), (17, 9), (18, 9), (30, 5), (40, 13)])
+@pytest.mark.parametrize("n_cond", [0, 1, 2])
+def test_long_video_chunks_as_the_reference(monkeypatch, n_cond, num_frames, chunk_size):
+    """Frame indices, seeds and conditioning of each chunk, and the video they make, against the reference's
+    bookkeeping, at a model length of 13 frames (the 2B model's: 93)."""
+    calls = []
+
+    def generate(net, vae, s, condition_frames, text_emb, neg_text_emb, device, steps, shift, sampler, progress,
+                 cfg_group):
+        cond = None if s.num_cond_frames == 0 else condition_frames.copy()
+        calls.append((s.seed, s.num_cond_frames, cond, s.num_frames, progress, steps))
+        return torch.from_numpy(toy_model(cond, s.seed, s.num_frames)), torch.zeros(1, 16, 4, 1, 1)
+
+    monkeypatch.setattr(sample, "generate", generate)
+    cond = np.random.RandomState(5).randint(0, 256, (4 * n_cond - 3, 2, 2, 3)).astype(np.uint8) if n_cond else None
+    s = sample.Sample("long", "p", None, n_cond, "", 11, 7.0, (2, 2), num_frames, steps=3, chunk_size=chunk_size)
+    video, latents = sample.generate_chunks(None, None, s, cond, None, None, None, 3, 5.0, "unipc", "long",
+                                            model_frames=13)
+    expected, reference_calls = reference_long_video(cond, n_cond == 2, n_cond, num_frames, chunk_size, 1, 11, 13)
+    assert video.shape == (num_frames, 2, 2, 3) and np.array_equal(video.numpy(), expected)
+    assert len(calls) == len(reference_calls) and latents.shape == (len(calls), 16, 4, 1, 1)
+    for k, ((seed, n, pixels, frames, label, steps), (ref_seed, ref_n, ref_pixels)) in enumerate(
+            zip(calls, reference_calls)):
+        assert (seed, n, frames, label, steps) == (ref_seed, ref_n, 13, f"long, chunk {k + 1}/{len(calls)}", 3)
+        assert (pixels is None) == (ref_pixels is None) and (pixels is None or np.array_equal(pixels, ref_pixels))
+
+
+def test_context_parallelism_splits_a_long_videos_chunks():
+    """A long video's chunks have the model's 93 frames (24 latent frames), whatever its length."""
+    long = sample.Sample("long", "p", None, 0, "", 0, 7.0, (64, 64), 101, chunk_size=77)
+    sample.check_context_parallel(4, False, 4, 16, [long])  # 24 latent frames over 4
+    with pytest.raises(ValueError, match="'one': 101 frames make 26 latent frames"):
+        sample.check_context_parallel(4, False, 4, 16, [sample.Sample("one", "p", None, 0, "", 0, 7.0, (64, 64), 101)])
 
 
 # ---------------------------------------------------------------------------------------------------------------
