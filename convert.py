@@ -42,10 +42,9 @@ import torch
 from safetensors import safe_open
 
 from lora import inject_lora
-from model import (DIT_BOOKKEEPING_KEYS, DIT_PRESETS, DIT_ROPE_BUFFER_KEYS, DiT, DiTConfig, infer_dit_config,
-                   load_checkpoint_file)
+from model import (DIT_BOOKKEEPING_KEYS, DIT_PRESETS, DIT_ROPE_BUFFER_KEYS, DiT, DiTConfig, file_fingerprint,
+                   infer_dit_config, load_checkpoint_file)
 from prep_data import write_safetensors
-from train import file_fingerprint
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Key maps: the official DiT layout <-> diffusers' CosmosTransformer3DModel layout

@@ -11,6 +11,7 @@ final layer and q/k around RoPE run in fp32; everything else runs in the paramet
 
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import re
@@ -676,6 +677,18 @@ class DiT(nn.Module):
         defaults.update({k: torch.zeros((), dtype=torch.float32 if k == "accum_train_in_hours" else torch.int64)
                          for k in DIT_BOOKKEEPING_KEYS})
         load_strict(self, state_dict, source, defaults)
+
+
+def file_fingerprint(path):
+    """Cheap identity of a large file (a multi-GB base checkpoint, a video): size plus hashes of its first and last
+    MiB."""
+    path = Path(path)
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(path.stat().st_size - (1 << 20), 0))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
 
 
 def read_tensor_file(path, what="checkpoint"):

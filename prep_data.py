@@ -34,7 +34,8 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from model import TextEncoder, TextEncoderConfig, WanVAE, qwen_chat_text, read_tensor_file, wan_vae_config
+from model import (TextEncoder, TextEncoderConfig, WanVAE, file_fingerprint, qwen_chat_text, read_tensor_file,
+                   wan_vae_config)
 
 MAX_TEXT_TOKENS = 512  # the text encoder pads or truncates every prompt to this many tokens
 
@@ -408,7 +409,7 @@ class Clip:
     fps: float
     source_size: tuple  # (H, W) of the video file
     caption: str
-    source_digest: str  # train.file_fingerprint of the video: one replaced under the same name is encoded again
+    source_digest: str  # file_fingerprint of the video: one replaced under the same name is encoded again
 
 
 @dataclass
@@ -486,7 +487,6 @@ def plan_cache(dataset_path, vae_id, text_encoder_id, num_frames=93, video_size=
     """List every clip and unique caption to cache; fails on short videos and missing captions, naming them. Each
     clip records its video's fingerprint (size, first and last MiB: an mp4's index sits at one end, so a re-encoded
     video differs there; it survives copies and is cheap on every run)."""
-    from train import file_fingerprint
     if clips_per_video is not None and stride is not None:
         raise ValueError("give clips_per_video or stride, not both")
     for key, value in (("clips_per_video", clips_per_video), ("stride", stride)):

@@ -10,7 +10,6 @@ compute with fp32 LoRA master weights, AdamW, power EMA, DCP checkpoints that re
 
 import ast
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -31,7 +30,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 from lora import inject_lora, mark_only_lora_trainable
-from model import DIT_PRESETS, DiT, TextEncoder, WanVAE
+from model import DIT_PRESETS, DiT, TextEncoder, WanVAE, file_fingerprint
 from prep_data import CachedDataset, CachedSampler, DataError, VideoDataset, read_manifest
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -253,18 +252,6 @@ def context_parallel_group(rank, world_size):
         return None
     groups = [dist.new_group(list(range(g * cp, (g + 1) * cp))) for g in range(world_size // cp)]
     return groups[rank // cp]
-
-
-def file_fingerprint(path):
-    """Cheap identity of a large file (a multi-GB base checkpoint, a video): size plus hashes of its first and last
-    MiB."""
-    path = Path(path)
-    h = hashlib.sha256(str(path.stat().st_size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(path.stat().st_size - (1 << 20), 0))
-        h.update(f.read(1 << 20))
-    return h.hexdigest()[:16]
 
 
 def build_model(device):

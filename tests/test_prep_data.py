@@ -23,7 +23,7 @@ import prep_data  # noqa: E402
 from prep_data import (TEAL, CachedDataset, CachedSampler, DataError, VideoDataset, build_cache,  # noqa: E402
                        clip_starts, frames_to_tensor, main, read_video, resize_frames, robot_clip, shapes_clip,
                        video_info, write_synthetic_dataset, write_video)
-from train import file_fingerprint  # noqa: E402
+from model import file_fingerprint  # noqa: E402
 
 
 # ---- tiny stand-ins for WanVAE and TextEncoder (model.py has neither yet): same call contracts, few weights ----

@@ -809,7 +809,7 @@ def test_adapter_trained_on_another_base_needs_force(tmp_path, capsys):
 
     from lora import lora_state_dict
     from model import DIT_PRESETS, DiT
-    from train import file_fingerprint
+    from model import file_fingerprint
 
     bases = []
     for seed in (0, 1):
