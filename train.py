@@ -301,6 +301,7 @@ def on_all_ranks(check, *args):
     dist.all_gather_object(messages, message)
     messages = list(dict.fromkeys(m for m in messages if m is not None))
     if messages:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's, once a rank exits: every rank exits with code 1
         raise SystemExit("\n".join(messages) if dist.get_rank() == 0 else 1)
     return result
 
