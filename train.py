@@ -152,9 +152,10 @@ def setting_ranges():
     }
 
 
-def load_config(argv):
+def load_config(argv, read_cache=False):
     """Apply a config file (plain assignments) and key=value overrides to the module globals, strictly; with
-    cache_dir take the data settings from the cache; then check every setting against its range."""
+    read_cache (a training run, not sample.py's --config) take the data settings from cache_dir's cache; then check
+    every setting against its range."""
     defaults = {k: globals()[k] for k in CONFIG_KEYS}
     overrides = {}  # key -> (value, where it was set)
     if argv and not argv[0].count("="):
@@ -186,7 +187,7 @@ def load_config(argv):
                              f"({type(value).__name__})")
         globals()[key] = value
         _set_keys.add(key)
-    if cache_dir:
+    if read_cache and cache_dir:
         take_data_settings_from_cache()
     for key, (valid, want) in setting_ranges().items():
         if not valid(globals()[key]):
@@ -725,7 +726,7 @@ def main(argv):
             print(f"  {key} = {globals()[key]!r}" + (f"  # {ranges[key][1]}" if key in ranges else ""))
         return
     rank, world_size, device = init_distributed()
-    config = on_all_ranks(load_config, argv)
+    config = on_all_ranks(load_config, argv, True)
     cp_group = on_all_ranks(context_parallel_group, rank, world_size)
     dp_rank, dp_size = rank // context_parallel_size, world_size // context_parallel_size
     run_dir = Path(out_dir) / name
