@@ -797,10 +797,9 @@ def main(argv):
             torch._foreach_lerp_(list(ema.values()), [p.detach().float() for p in trainable], 1 - beta)
         step += 1
         position += batch_size * dp_size
-        # every rank stops after the same step if any was signalled
-        preempted = torch.tensor(float(_signalled), device=device)
-        dist.all_reduce(preempted, op=dist.ReduceOp.MAX)
-        preempted = bool(preempted.item())
+        stop = torch.tensor(float(_signalled), device=device)
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops after the same step if any was signalled
+        preempted = bool(stop.item())
 
         window[0].index_add_(0, n_cond, per_sample.detach().double())
         window[1].index_add_(0, n_cond, torch.ones_like(per_sample, dtype=torch.float64))
@@ -836,7 +835,7 @@ def main(argv):
     if run is not None:
         run.finish()
     dist.destroy_process_group()
-    if preempted:
+    if preempted and step < max_iter:
         if rank == 0:
             print(f"{preempt_signal}: stopped after iteration {step} and saved it; the same command resumes from it",
                   file=sys.stderr)
