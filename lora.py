@@ -121,6 +121,12 @@ def inject_lora(model, target_modules=DEFAULT_TARGETS, rank=32, alpha=32, adapte
     """Add the adapter `adapter_name` to every nn.Linear whose name matches a target (LoRALinear modules get
     another adapter). Freezes nothing by itself; see `mark_only_lora_trainable`. Returns the adapted names."""
     targets = parse_targets(target_modules)
+    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear)) and ".lora_" not in n]
+    unmatched = [t for t in targets if not any(matches(n, [t]) for n in linears)]
+    if unmatched:
+        names = sorted({".".join(n.split(".")[-2:]) for n in linears} | {n.split(".")[-1] for n in linears})
+        raise ValueError(f"lora targets {unmatched} match no Linear of {type(model).__name__}; a target is a "
+                         f"Linear's name or a dotted suffix of it, e.g. {', '.join(names)}")
     adapted = []
     for name, module in list(model.named_modules()):
         if not matches(name, targets):
@@ -134,8 +140,6 @@ def inject_lora(model, target_modules=DEFAULT_TARGETS, rank=32, alpha=32, adapte
             continue
         module.add_adapter(adapter_name, rank, alpha, dropout, dtype)
         adapted.append(name)
-    if not adapted:
-        raise ValueError(f"no module of {type(model).__name__} matches lora targets {targets}")
     return adapted
 
 

@@ -29,7 +29,7 @@ import av
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from tqdm import tqdm
@@ -226,10 +226,9 @@ def dtype_for(device):
 
 
 def frames_to_tensor(frames, dtype=torch.float32):
-    """uint8 [T,H,W,3] (numpy or torch, any device) -> [3,T,H,W] in [-1,1]. Cast first, then scale, in `dtype`,
-    as the reference does (uint8.to(bf16) / 127.5 - 1)."""
-    x_T_H_W_3 = torch.as_tensor(frames)
-    return x_T_H_W_3.permute(3, 0, 1, 2).to(dtype) / 127.5 - 1
+    """uint8 [(B,)T,H,W,3] (numpy or torch, any device) -> [(B,)3,T,H,W] in [-1,1]. Cast first, then scale, in
+    `dtype`, as the reference does (uint8.to(bf16) / 127.5 - 1)."""
+    return torch.as_tensor(frames).movedim(-1, -4).to(dtype) / 127.5 - 1
 
 
 def tensor_to_frames(video):
@@ -573,19 +572,24 @@ def load_clip(plan, clip):
     return resize_frames(frames, plan.video_size, plan.resize)
 
 
+@torch.no_grad()
+def encode_video(vae, frames_B_T_H_W_3):
+    """uint8 frames [B,T,H,W,3] -> the VAE's latents [B,16,T',H/8,W/8], in its dtype: the cache's encoding and
+    train.py's online one."""
+    weight = next(vae.parameters())
+    return vae.encode(frames_to_tensor(frames_B_T_H_W_3.to(weight.device), weight.dtype))
+
+
 def encode_clips(plan, vae, clips, show_progress=True):
     """VAE-encode each clip (vae.encode([B,3,T,H,W] in [-1,1]) -> [B,16,T',H/8,W/8]) and save it as bf16.
     The next clip is decoded on a CPU thread while the VAE encodes the current one."""
-    weight = next(vae.parameters())
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(load_clip, plan, clips[0]) if clips else None
         for i, clip in enumerate(tqdm(clips, unit="clip", desc="latents", disable=not show_progress)):
             frames = pending.result()
             if i + 1 < len(clips):
                 pending = pool.submit(load_clip, plan, clips[i + 1])
-            video_3_T_H_W = frames_to_tensor(torch.from_numpy(frames).to(weight.device), weight.dtype)
-            with torch.inference_mode():
-                latents_C_T_H_W = vae.encode(video_3_T_H_W[None])[0]
+            latents_C_T_H_W = encode_video(vae, torch.from_numpy(frames)[None])[0]
             _save_atomic({"latents": latents_C_T_H_W.to(torch.bfloat16).cpu().contiguous()}, plan.latent_path(clip),
                          plan.latent_meta(clip))
 
@@ -687,13 +691,20 @@ class CachedDataset(torch.utils.data.Dataset):
         if missing:
             raise DataError(f"{self.cache_dir}: {len(missing)} file(s) listed in the manifest are missing, "
                             f"e.g. {missing[0]}")
+        for rel in sorted({c[k] for c in self.clips for k in ("latents", "text_emb")}):
+            self._tensor(rel)  # reads the header: a truncated file fails here, not mid-run
 
     def __len__(self):
         return len(self.clips)
 
-    def _tensor(self, rel, key):
-        with safe_open(self.cache_dir / rel, "pt") as f:
-            return f.get_tensor(key)
+    def _tensor(self, rel, key=None):
+        """The tensor `key` of a cache file (None: only check that the file is readable)."""
+        try:
+            with safe_open(self.cache_dir / rel, "pt") as f:
+                return f.get_tensor(key) if key else None
+        except SafetensorError as e:
+            raise DataError(f"{self.cache_dir / rel}: unreadable cache file ({e}); move it away and run "
+                            f"`prep_data.py cache` again") from None
 
     def __getitem__(self, i):
         clip = self.clips[i]

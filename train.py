@@ -9,11 +9,14 @@ compute with fp32 LoRA master weights, AdamW, power EMA, DCP checkpoints that re
 """
 
 import ast
+import atexit
 import dataclasses
 import json
 import math
 import os
 import shutil
+import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -22,7 +25,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -31,7 +33,7 @@ from tqdm import tqdm
 
 from lora import inject_lora, mark_only_lora_trainable
 from model import DIT_PRESETS, DiT, TextEncoder, WanVAE, file_fingerprint
-from prep_data import CachedDataset, CachedSampler, DataError, VideoDataset, read_manifest
+from prep_data import CachedDataset, CachedSampler, DataError, VideoDataset, encode_video, read_manifest
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: defaults (the reference recipe `predict2_lora_training_2b_cosmos_nemo_assets`), overridden by a file,
@@ -78,7 +80,7 @@ f_start = 1e-6
 f_max = 0.5
 f_min = 0.2
 cycle_length = 100_000
-grad_clip = 0.1
+grad_clip = 0.1  # the gradient's global norm is clipped to this; 0 = no clipping
 ema_rate = 0.1
 max_iter = 1000
 # logging and checkpoints
@@ -87,6 +89,7 @@ save_iter = 200
 keep_last = 3  # checkpoints kept (older ones lose their training state); 0 keeps every one
 resume = ""  # a checkpoint folder to start from; by default the run's latest checkpoint, if any
 seed = 0
+preempt_signal = "SIGTERM"  # on it (any rank): finish the step, save a checkpoint, exit (the same command resumes)
 wandb = True
 wandb_project = "cosmos-lora"
 # validation samples (all ranks take part; needs vae_checkpoint and text_encoder)
@@ -99,14 +102,61 @@ val_guidance = 7.0
 CONFIG_KEYS = [k for k, v in dict(globals()).items() if k not in _not_settings and not k.startswith("_")
                and isinstance(v, (int, float, str, bool, tuple, list, dict))]
 _set_keys = set()  # the keys the config file or the command line set
+_signalled = False  # set by preempt_signal: stop after this step
 
 
-def load_config(argv):
-    """Apply a config file (plain assignments) and key=value overrides to the module globals, strictly."""
-    choices = {"dit_preset": tuple(DIT_PRESETS), "dtype": ("bfloat16", "float32"),
-               "attention_backend": ("triton", "sdpa"), "activation_checkpointing": ("none", "full", "selective")}
-    minimum = {"max_iter": 0, "save_iter": 1, "logging_iter": 1, "keep_last": 0, "batch_size": 1, "num_workers": 0,
-               "context_parallel_size": 1, "lora_rank": 1, "val_iter": 0, "num_frames": 1}
+def setting_ranges():
+    """Every setting's valid values, {key: (test, what it must be)}, read with the current settings (some bounds
+    depend on others). Paths are checked when the run starts (check_inputs)."""
+    def one_of(*options):
+        return (lambda v: v in options), f"one of {', '.join(map(repr, options))}"
+
+    def at_least(low):
+        return (lambda v: v >= low), f">= {low}"
+
+    positive, fraction = ((lambda v: v > 0), "> 0"), ((lambda v: 0 <= v <= 1), "in [0, 1]")
+    frames = (lambda v: v >= 1 and (v - 1) % 4 == 0), "1 + 4k (the VAE compresses 4 frames into one: 93, 29, 17...)"
+    latent_frames = 1 + (num_frames - 1) // 4
+    most_cond = min(2, latent_frames - 1) if latent_frames > 1 else 2  # an image (one latent frame) gets none
+    low, high = min_num_conditional_frames, max_num_conditional_frames
+    return {
+        "name": ((lambda v: v != ""), "a folder name"), "out_dir": ((lambda v: v != ""), "a folder"),
+        "dit_preset": one_of(*DIT_PRESETS), "dtype": one_of("bfloat16", "float32"),
+        "attention_backend": one_of("triton", "sdpa"), "activation_checkpointing": one_of("none", "full", "selective"),
+        "num_frames": frames,
+        "video_size": ((lambda v: len(v) == 2 and all(isinstance(x, int) and x > 0 and x % 16 == 0 for x in v)),
+                       "(H, W), multiples of 16 (the VAE's 8x and the DiT's 2x2 patches)"),
+        "batch_size": at_least(1), "context_parallel_size": at_least(1), "num_workers": at_least(0),
+        "caption_dropout": fraction, "lora_rank": at_least(1), "lora_alpha": positive, "shift": positive,
+        "min_num_conditional_frames": ((lambda v: 0 <= v <= high), f"in [0, max_num_conditional_frames={high}]"),
+        # the modes text2world, image2world, video2world; and a clip must keep a frame to generate
+        "max_num_conditional_frames": ((lambda v: 0 <= v <= most_cond),
+                                       f"in [0, {most_cond}] (0-2 frames, fewer than the {latent_frames} latent "
+                                       f"frames of num_frames={num_frames})"),
+        "conditional_frames_probs": ((lambda v: all(isinstance(k, int) and low <= k <= high and isinstance(
+            p, (int, float)) and p >= 0 for k, p in v.items()) and abs(sum(v.values()) - 1) <= 1e-6),
+            f"{{frames: probability}} for frames in [{low}, {high}] (min/max_num_conditional_frames), the "
+            f"probabilities >= 0 and summing to 1"),
+        "lr": positive, "weight_decay": at_least(0),
+        "betas": ((lambda v: len(v) == 2 and all(isinstance(b, float) and 0 <= b < 1 for b in v)),
+                  "two numbers in [0, 1)"),
+        "eps": positive, "warmup_steps": at_least(0), "f_start": at_least(0), "f_max": positive, "f_min": at_least(0),
+        "cycle_length": ((lambda v: v > warmup_steps), f"> warmup_steps ({warmup_steps})"),
+        "grad_clip": ((lambda v: v >= 0), ">= 0 (the largest gradient norm; 0 = no clipping)"),
+        # the power EMA's relative width: larger ones have no exponent gamma > -1 (Karras et al. 2024, eq. 3)
+        "ema_rate": ((lambda v: 0 < v <= 0.3), "in (0, 0.3]"),
+        "max_iter": at_least(0), "logging_iter": at_least(1), "save_iter": at_least(1), "keep_last": at_least(0),
+        "seed": at_least(0), "preempt_signal": one_of("SIGTERM", "SIGUSR1"),
+        "val_iter": at_least(0), "val_prompts": ((lambda v: all(isinstance(p, str) and p for p in v)),
+                                                 "a list of prompts (non-empty strings)"),
+        "val_num_frames": frames, "val_steps": at_least(1), "val_guidance": at_least(0),
+    }
+
+
+def load_config(argv, read_cache=False):
+    """Apply a config file (plain assignments) and key=value overrides to the module globals, strictly; with
+    read_cache (a training run, not sample.py's --config) take the data settings from cache_dir's cache; then check
+    every setting against its range."""
     defaults = {k: globals()[k] for k in CONFIG_KEYS}
     overrides = {}  # key -> (value, where it was set)
     if argv and not argv[0].count("="):
@@ -136,13 +186,14 @@ def load_config(argv):
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
             raise SystemExit(f"config key {key!r} ({where}) must be {want.__name__}, got {value!r} "
                              f"({type(value).__name__})")
-        if key in minimum and value < minimum[key]:
-            raise SystemExit(f"config key {key!r} ({where}) must be >= {minimum[key]}, got {value!r}")
-        if key in choices and value not in choices[key]:
-            raise SystemExit(f"config key {key!r} ({where}) must be one of {', '.join(map(repr, choices[key]))}, "
-                             f"got {value!r}")
         globals()[key] = value
         _set_keys.add(key)
+    if read_cache and cache_dir:
+        take_data_settings_from_cache()
+    for key, (valid, want) in setting_ranges().items():
+        if not valid(globals()[key]):
+            where = overrides.get(key, (None, "the default"))[1]
+            raise SystemExit(f"config key {key!r} ({where}) must be {want}, got {globals()[key]!r}")
     return {k: globals()[k] for k in CONFIG_KEYS}
 
 
@@ -194,12 +245,12 @@ def flow_matching_loss(model, x0, text_emb, generators):
     return ((v_pred - target) ** 2).mean(dim=(1, 2, 3, 4)), n_cond
 
 
-def sample_generators(step, rank, world_size, device):
+def sample_generators(first, rank, world_size, device):
     """One generator per sample of this rank's batch, keyed by the sample's place in the global stream (the
-    sampler deals global positions round-robin): resuming reproduces a step exactly, and the same global batch
-    gets the same noise on any number of ranks. Under context parallelism rank and world_size are the data-parallel
-    ones, so the ranks of a group draw the same sigma, noise, conditioning frames and caption dropout."""
-    first = step * batch_size * world_size
+    sampler deals global positions round-robin from `first`, the samples drawn before this step): resuming
+    reproduces a step exactly, and the same global batch gets the same noise on any number of ranks. Under context
+    parallelism rank and world_size are the data-parallel ones, so the ranks of a group draw the same sigma, noise,
+    conditioning frames and caption dropout."""
     return [torch.Generator(device).manual_seed(seed * 1_000_003 + first + rank + k * world_size)
             for k in range(batch_size)]
 
@@ -227,18 +278,34 @@ def ema_beta(step):
 
 
 def init_distributed():
-    """torchrun sets RANK/WORLD_SIZE; a plain `python train.py` is a world of one. NCCL on GPU, gloo on CPU."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
+    """torchrun sets RANK/WORLD_SIZE; a plain `python train.py` is a world of one, whose in-process store needs no
+    port (two runs started at once cannot collide). NCCL on GPU, gloo on CPU."""
+    alone = {} if "RANK" in os.environ else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, **alone)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", **alone)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def on_all_ranks(check, *args):
+    """Run a setup step on every rank. Where it fails (SystemExit with a message) on any, rank 0 prints each distinct
+    message once and every rank exits with code 1: one message rather than one per rank, and no rank left waiting
+    for the others."""
+    try:
+        result, message = check(*args), None
+    except SystemExit as e:
+        result, message = None, str(e.code)
+    messages = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    messages = list(dict.fromkeys(m for m in messages if m is not None))
+    if messages:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's, once a rank exits: every rank exits with code 1
+        raise SystemExit("\n".join(messages) if dist.get_rank() == 0 else 1)
+    return result
 
 
 def context_parallel_group(rank, world_size):
@@ -257,10 +324,13 @@ def context_parallel_group(rank, world_size):
 def build_model(device):
     """The DiT with base weights loaded strictly (before LoRA is injected), LoRA in fp32, everything else frozen."""
     cfg = dataclasses.replace(DIT_PRESETS[dit_preset], attention_backend=attention_backend)
+    torch.manual_seed(seed)  # the random base, and LoRA's A (on any base)
     if base_checkpoint:
-        model = DiT.from_pretrained(base_checkpoint, cfg=cfg, device=device, dtype=torch.float32)
+        try:
+            model = DiT.from_pretrained(base_checkpoint, cfg=cfg, device=device, dtype=torch.float32)
+        except (ValueError, KeyError) as e:
+            raise SystemExit(f"base_checkpoint {base_checkpoint}: {e.args[0]}") from None
     else:
-        torch.manual_seed(seed)
         with torch.device(device):
             model = DiT(cfg)
     model.activation_checkpointing = activation_checkpointing
@@ -268,7 +338,10 @@ def build_model(device):
     compute_dtype = getattr(torch, dtype)
     if use_lora:
         model.to(compute_dtype)
-        inject_lora(model, lora_target_modules, rank=lora_rank, alpha=lora_alpha, dtype=torch.float32)
+        try:
+            inject_lora(model, lora_target_modules, rank=lora_rank, alpha=lora_alpha, dtype=torch.float32)
+        except ValueError as e:
+            raise SystemExit(f"config key 'lora_target_modules': {e}") from None
         mark_only_lora_trainable(model)
     else:
         model.requires_grad_(True)  # full fine-tuning: fp32 master weights, bf16 compute through FSDP's policy
@@ -285,6 +358,27 @@ def shard_model(model):
         fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(model.blocks) - 1)
     fully_shard(model, mp_policy=mp)
     return model
+
+
+def check_inputs(rank, device):
+    """Before the run folder is touched, what the run will read: the base checkpoint is a DiT's (its keys, read
+    without its weights, and the LoRA targets, on the meta device) and the data is readable. Returns the dataset."""
+    if base_checkpoint and not Path(base_checkpoint).is_file():
+        raise SystemExit(f"base_checkpoint {base_checkpoint} does not exist")
+    if offload_block_inputs and activation_checkpointing == "none":
+        raise SystemExit("offload_block_inputs=True moves the block inputs that activation checkpointing keeps: set "
+                         "activation_checkpointing='full' or 'selective' (got 'none')")
+    if offload_block_inputs and device.type != "cuda":
+        raise SystemExit(f"offload_block_inputs=True copies block inputs between the GPU and pinned host memory: it "
+                         f"needs a CUDA device (got {device})")
+    if not cache_dir and not (vae_checkpoint and text_encoder):
+        raise SystemExit("online encoding needs vae_checkpoint and text_encoder (or set cache_dir)")
+    build_model(torch.device("meta"))
+    try:
+        return CachedDataset(cache_dir) if cache_dir else VideoDataset(dataset_dir, num_frames, video_size,
+                                                                       seed=seed + rank)
+    except DataError as e:
+        raise SystemExit(f"{'cache_dir' if cache_dir else 'dataset_dir'}: {e}") from None
 
 
 def take_data_settings_from_cache():
@@ -309,14 +403,10 @@ def take_data_settings_from_cache():
     num_frames, video_size, dataset_dir = found["num_frames"], found["video_size"], str(found["dataset_dir"])
 
 
-def build_data(rank, world_size, device, start_position):
-    """Batches of (latents [B,16,T,H,W], text embeddings [B,L,D]); from the cache, or encoded online."""
-    if cache_dir:
-        dataset = CachedDataset(cache_dir)
-        encode = None
-    else:
-        dataset = VideoDataset(dataset_dir, num_frames, video_size, seed=seed + rank)
-        encode = OnlineEncoder(dataset, device)
+def build_data(dataset, rank, world_size, device, start_position):
+    """Batches of (latents [B,16,T,H,W], text embeddings [B,L,D]) from check_inputs' dataset: the cache, or videos
+    encoded online."""
+    encode = None if cache_dir else OnlineEncoder(dataset, device)
     sampler = CachedSampler(len(dataset), seed=seed, rank=rank, world_size=world_size)
     sampler.position = start_position
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
@@ -348,8 +438,6 @@ class OnlineEncoder:
     (the frozen encoder is deterministic, so this equals encoding every step) and the text encoder is freed."""
 
     def __init__(self, dataset, device):
-        if not vae_checkpoint or not text_encoder:
-            raise SystemExit("online encoding needs vae_checkpoint and text_encoder (or set cache_dir)")
         encoder = TextEncoder.from_pretrained(text_encoder, device=device)
         unique = sorted(set(dataset.captions))
         self.text = {c: encoder.encode([c])[0].cpu() for c in unique}
@@ -357,15 +445,9 @@ class OnlineEncoder:
         self.vae = WanVAE.from_pretrained(vae_checkpoint, device=device)
         self.device = device
 
-    @torch.no_grad()
     def __call__(self, batch):
-        video = batch["video"].to(self.device).float() / 127.5 - 1  # uint8 [B,3,T,H,W] -> [-1,1]
-        latents = self.vae.encode(video.to(self.vae_dtype))
-        return {"latents": latents, "text_emb": torch.stack([self.text[c] for c in batch["caption"]])}
-
-    @property
-    def vae_dtype(self):
-        return next(self.vae.parameters()).dtype
+        return {"latents": encode_video(self.vae, batch["video"].movedim(1, -1)),  # uint8 [B,3,T,H,W]
+                "text_emb": torch.stack([self.text[c] for c in batch["caption"]])}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -390,7 +472,7 @@ def checkpoint_state(model, optimizer, scheduler, ema, step):
             "trainer": {"iteration": step}}
 
 
-def save_checkpoint(run_dir, model, optimizer, scheduler, ema, step, rank, meta):
+def save_checkpoint(run_dir, model, optimizer, scheduler, ema, step, position, rank, meta):
     ckpt_root = run_dir / "checkpoints"
     final = ckpt_root / f"iter_{step:09d}"
     partial = ckpt_root / f"iter_{step:09d}.partial"
@@ -401,7 +483,7 @@ def save_checkpoint(run_dir, model, optimizer, scheduler, ema, step, rank, meta)
     dcp.save(checkpoint_state(model, optimizer, scheduler, ema, step), checkpoint_id=str(partial))
     dist.barrier()
     if rank == 0:
-        (partial / "meta.json").write_text(json.dumps({**meta, "iteration": step}, indent=2))
+        (partial / "meta.json").write_text(json.dumps({**meta, "iteration": step, "samples": position}, indent=2))
         os.rename(partial, final)  # checked free at the start (check_resumable); fails if not
         latest_tmp = ckpt_root / "latest_checkpoint.txt.tmp"
         latest_tmp.write_text(final.name + "\n")
@@ -436,6 +518,59 @@ def checkpoint_folders(run_dir):
 def is_complete(path):
     """save_checkpoint renames a folder to iter_<N> only once the DCP files and meta.json are all written."""
     return (path / ".metadata").is_file() and (path / "meta.json").is_file()
+
+
+def lock_run_dir(run_dir):
+    """One run writes a run folder: its lock file names the holder's host and pid, is made atomically and is removed
+    at exit. A lock whose process is gone from this host is stale and taken over; any other refuses this run."""
+    lock, me = run_dir / "train.lock", f"{socket.gethostname()} {os.getpid()}"
+    made = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        holder = lock.read_text().split()
+        if len(holder) == 2 and holder[0] == socket.gethostname() and holder[1].isdigit() and not is_alive(
+                int(holder[1])):
+            print(f"{lock}: its run (pid {holder[1]}) is gone; taking the run folder over")
+            lock.unlink()
+            return lock_run_dir(run_dir)
+        raise SystemExit(f"{run_dir} is in use by another train.py run (host and pid: {' '.join(holder)}, in {lock}). "
+                         f"Wait for it to end or stop it; if it is gone (killed on another host), delete {lock}")
+    with os.fdopen(fd, "w") as f:
+        f.write(me + "\n")
+
+    def release():
+        lock.unlink(missing_ok=True)
+        if made and not any(run_dir.iterdir()):  # refused before it wrote anything: leave no empty folder
+            run_dir.rmdir()
+
+    atexit.register(release)
+
+
+def is_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+def claim_run_dir(run_dir, meta, rank):
+    """Rank 0 locks the run folder, then finds and checks the checkpoint to resume from (None: a fresh run)."""
+    if rank != 0:
+        return None
+    lock_run_dir(run_dir)
+    path = find_resume_checkpoint(run_dir)
+    check_resumable(run_dir, path, meta)
+    return path
+
+
+def on_preempt(signum, frame):
+    global _signalled
+    _signalled = True
 
 
 def find_resume_checkpoint(run_dir):
@@ -486,9 +621,14 @@ def load_checkpoint(path, model, optimizer, scheduler, ema, meta):
     saved, now = saved_meta["config"], json.loads(json.dumps(meta["config"]))  # tuples and int keys as saved
     changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k] and k not in (
         "max_iter", "resume")]
+    changed += [f"{k} {saved_meta[k]} -> {meta[k]}" for k in ("world_size", "global_batch")
+                if saved_meta.get(k, meta[k]) != meta[k]]
+    # a checkpoint whose meta.json lacks "samples" counts them in this run's global batches, as resuming used to
+    position = saved_meta.get("samples", step * meta["global_batch"])
     if changed and dist.get_rank() == 0:
-        print(f"resuming {path} with changed settings: {'; '.join(changed)}")
-    return step
+        print(f"resuming {path} with changed settings: {'; '.join(changed)} (the data goes on from sample "
+              f"{position} of the stream, as it would have)")
+    return step, position
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -556,37 +696,28 @@ def swap_ema(model, ema):
 def main(argv):
     if "-h" in argv or "--help" in argv:
         print(__doc__)
-        print("settings (override in a config file or as key=value):")
+        print("settings (override in a config file or as key=value), with their valid values:")
+        ranges = setting_ranges()
         for key in CONFIG_KEYS:
-            print(f"  {key} = {globals()[key]!r}")
+            print(f"  {key} = {globals()[key]!r}" + (f"  # {ranges[key][1]}" if key in ranges else ""))
         return
-    config = load_config(argv)
-    if cache_dir:
-        take_data_settings_from_cache()
-        config.update(num_frames=num_frames, video_size=video_size, dataset_dir=dataset_dir)
     rank, world_size, device = init_distributed()
-    cp_group = context_parallel_group(rank, world_size)
+    config = on_all_ranks(load_config, argv, True)
+    cp_group = on_all_ranks(context_parallel_group, rank, world_size)
     dp_rank, dp_size = rank // context_parallel_size, world_size // context_parallel_size
     run_dir = Path(out_dir) / name
-    if base_checkpoint and not Path(base_checkpoint).is_file():
-        raise SystemExit(f"base_checkpoint {base_checkpoint} does not exist")
-    if not cache_dir and not Path(dataset_dir).is_dir():
-        raise SystemExit(f"dataset_dir {dataset_dir} does not exist")
-    if offload_block_inputs and activation_checkpointing == "none":
-        raise SystemExit("offload_block_inputs=True moves the block inputs that activation checkpointing keeps: set "
-                         "activation_checkpointing='full' or 'selective' (got 'none')")
-    if offload_block_inputs and device.type != "cuda":
-        raise SystemExit(f"offload_block_inputs=True copies block inputs between the GPU and pinned host memory: it "
-                         f"needs a CUDA device (got {device})")
+    dataset = on_all_ranks(check_inputs, dp_rank, device)
     meta = {"dit_preset": dit_preset, "base_checkpoint": str(Path(base_checkpoint).resolve()) if base_checkpoint
             else "", "base_fingerprint": file_fingerprint(base_checkpoint) if base_checkpoint else "random:"
             f"{seed}", "use_lora": use_lora, "lora_rank": lora_rank, "lora_alpha": lora_alpha,
-            "lora_target_modules": lora_target_modules, "config": config}
-    resume_from = find_resume_checkpoint(run_dir)
-    check_resumable(run_dir, resume_from, meta)
+            "lora_target_modules": lora_target_modules, "world_size": world_size,
+            "global_batch": batch_size * dp_size, "config": config}
+    resume_from = [on_all_ranks(claim_run_dir, run_dir, meta, rank)]
+    dist.broadcast_object_list(resume_from, src=0)  # rank 0's choice, for every rank
+    resume_from = resume_from[0]
+    signal.signal(getattr(signal, preempt_signal), on_preempt)
     if rank == 0:
         print(json.dumps(config, indent=2, default=str))
-        run_dir.mkdir(parents=True, exist_ok=True)  # after the checks: a refused run leaves its folder as it was
         (run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
 
     validation = load_validation(device)
@@ -600,15 +731,15 @@ def main(argv):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier)
     ema = {n: p.detach().clone().float() for n, p in zip(names, trainable)}
 
-    step = 0
+    step, position = 0, 0  # position: samples drawn from the global stream, by all ranks together
     if resume_from is not None:
-        step = load_checkpoint(resume_from, model, optimizer, scheduler, ema, meta)
+        step, position = load_checkpoint(resume_from, model, optimizer, scheduler, ema, meta)
         if rank == 0:
             print(f"resumed from {resume_from} at iteration {step}")
     if step >= max_iter and rank == 0:
         print(f"iteration {step} has reached max_iter={max_iter}: nothing to train (raise max_iter to go on)")
 
-    data = build_data(dp_rank, dp_size, device, start_position=step * batch_size * dp_size)
+    data = build_data(dataset, dp_rank, dp_size, device, start_position=position)
     run = None
     if wandb and rank == 0:
         import wandb as wandb_lib
@@ -622,13 +753,14 @@ def main(argv):
     window = torch.zeros(2, len(mode_names), device=device, dtype=torch.float64)
     window_steps = 0
     t_last = time.perf_counter()
-    while step < max_iter:
+    preempted = False
+    while step < max_iter and not preempted:
         latents, text_emb = next(data)
         per_sample, n_cond = flow_matching_loss(model, latents, text_emb,
-                                                sample_generators(step, dp_rank, dp_size, device))
+                                                sample_generators(position, dp_rank, dp_size, device))
         loss = per_sample.mean()
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip, foreach=True)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip or math.inf, foreach=True)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
             raise SystemExit(f"non-finite loss ({loss.item()}) or gradient norm ({grad_norm.item()}) at iteration "
@@ -640,6 +772,10 @@ def main(argv):
         with torch.no_grad():
             torch._foreach_lerp_(list(ema.values()), [p.detach().float() for p in trainable], 1 - beta)
         step += 1
+        position += batch_size * dp_size
+        stop = torch.tensor(float(_signalled), device=device)
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops after the same step if any was signalled
+        preempted = bool(stop.item())
 
         window[0].index_add_(0, n_cond, per_sample.detach().double())
         window[1].index_add_(0, n_cond, torch.ones_like(per_sample, dtype=torch.float64))
@@ -665,16 +801,21 @@ def main(argv):
                 bar.write(f"iter {step}: " + ", ".join(f"{k} {v:.6g}" for k, v in log.items()))
             window.zero_()
             window_steps = 0
-        if step % save_iter == 0 or step == max_iter:
-            path = save_checkpoint(run_dir, model, optimizer, scheduler, ema, step, rank, meta)
+        if step % save_iter == 0 or step == max_iter or preempted:
+            path = save_checkpoint(run_dir, model, optimizer, scheduler, ema, step, position, rank, meta)
             if rank == 0:
                 bar.write(f"saved {path}")
-        if validation is not None and step % val_iter == 0:
+        if validation is not None and step % val_iter == 0 and not preempted:
             validate(validation, model, ema, step, run_dir, rank, world_size, device)
     bar.close()
     if run is not None:
         run.finish()
     dist.destroy_process_group()
+    if preempted and step < max_iter:
+        if rank == 0:
+            print(f"{preempt_signal}: stopped after iteration {step} and saved it; the same command resumes from it",
+                  file=sys.stderr)
+        raise SystemExit(128 + getattr(signal, preempt_signal))  # the shell's code for a process ended by it
 
 
 if __name__ == "__main__":

@@ -2,9 +2,12 @@
 
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,18 +56,30 @@ def cache(tmp_path_factory):
     return stand_in_cache(tmp_path_factory.mktemp("data"), num_frames=17)
 
 
-def run_train(out, cache_dir, *overrides, nproc=1, check=True):
-    args = ["dit_preset='tiny'", "dtype='float32'", f"cache_dir='{cache_dir}'", f"out_dir='{out}'",
-            "num_workers=0", "wandb=False", "val_iter=0", "logging_iter=2", "lr=1e-3", "warmup_steps=0",
-            "grad_clip=1.0", *overrides]
-    launcher = [sys.executable, "train.py"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-        "train.py"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(launcher + args, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+def train_args(out, cache_dir, *overrides):
+    return ["dit_preset='tiny'", "dtype='float32'", f"cache_dir='{cache_dir}'", f"out_dir='{out}'", "num_workers=0",
+            "wandb=False", "val_iter=0", "logging_iter=2", "lr=1e-3", "warmup_steps=0", "grad_clip=1.0", *overrides]
+
+
+def run_train(out, cache_dir, *overrides, nproc=1, check=True, script="train.py", env=()):
+    """train.py (or a script from `wrapped`) in one process, or on `nproc` torchrun processes."""
+    python = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                   f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+    result = subprocess.run(python + [script] + train_args(out, cache_dir, *overrides), cwd=REPO,
+                            capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1", **dict(env)),
+                            timeout=300)
     if check and result.returncode != 0:
         raise AssertionError(f"train.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+def wrapped(tmp_path, patch):
+    """A script that runs `patch` (code changing the module `train`) and then train.main: a run held, signalled or
+    watched at a given step, also under torchrun."""
+    path = tmp_path / "wrapped_train.py"
+    path.write_text("import os, signal, sys, time\nfrom pathlib import Path\nsys.path.insert(0, os.getcwd())\n"
+                    f"import train\n{patch}\ntrain.main(sys.argv[1:])\n")
+    return str(path)
 
 
 def free_port():
@@ -112,14 +127,20 @@ def test_conditioning_frames_carry_the_clean_latent_and_no_loss():
     per_sample, n_cond = train.flow_matching_loss(model, x0, text, generators)
     x_t, sigma, text_in, mask = model.calls[0]
     assert set(n_cond.tolist()) == {0, 1, 2}
+    eps = torch.empty_like(x0)
     for b in range(64):
+        # each sample's generator draws u ~ sigmoid(N(0,1)) for its sigma (shift 5 on the 1,000-step grid), then
+        # its noise
+        g = torch.Generator().manual_seed(b)
+        base = (1000 - min(int(torch.sigmoid(torch.randn((), generator=g)) * 1000), 999)) / 1000
+        assert sigma[b].item() == pytest.approx(5 * base / (1 + 4 * base), rel=1e-6)
+        eps[b] = torch.randn(x0.shape[1:], generator=g)
         n = int(n_cond[b])
         assert (mask[b, 0, :n] == 1).all() and (mask[b, 0, n:] == 0).all()
         assert torch.equal(x_t[b, :, :n], x0[b, :, :n])  # clean latents on the conditioning frames
-        assert not torch.allclose(x_t[b, :, n:], x0[b, :, n:])
+        assert torch.allclose(x_t[b, :, n:], sigma[b] * eps[b, :, n:] + (1 - sigma[b]) * x0[b, :, n:], atol=1e-6)
     # the loss ignores whatever the network says on conditioning frames
     pred = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
-    eps = (x_t - (1 - sigma[:, None, None, None, None]) * x0) / sigma[:, None, None, None, None]
     target = eps - x0
     for b in range(64):
         n = int(n_cond[b])
@@ -167,7 +188,8 @@ def test_config_rejects_unknown_keys_wrong_types_and_values(tmp_path):
 
 
 def held_out_loss(cache_dir, lora=None):
-    """Mean denoising loss of the tiny base (+ adapter) on the cached clips with fixed noise."""
+    """Mean denoising loss of the tiny base (+ adapter) on the cached clips with fixed noise, written out here
+    (x_t = sigma eps + (1 - sigma) x0, target eps - x0, no conditioning frames) rather than train.py's."""
     from lora import inject_lora, load_lora_state_dict
     from model import DIT_PRESETS, DiT
     from prep_data import CachedDataset
@@ -181,12 +203,13 @@ def held_out_loss(cache_dir, lora=None):
     losses = []
     with torch.no_grad():
         for i in range(len(data)):
-            item = data[i]
+            x0, text = data[i]["latents"][None].float(), data[i]["text_emb"][None].float()
+            no_condition = torch.zeros_like(x0[:, :1])
             for k in range(8):
-                per_sample, _ = train.flow_matching_loss(model, item["latents"][None].float(),
-                                                         item["text_emb"][None].float(),
-                                                         [torch.Generator().manual_seed(k)])
-                losses.append(per_sample.item())
+                g = torch.Generator().manual_seed(k)
+                sigma, eps = torch.rand(1, generator=g) * 0.9 + 0.05, torch.randn(x0.shape, generator=g)
+                v = model(sigma * eps + (1 - sigma) * x0, sigma, text, condition_mask=no_condition)
+                losses.append(((v - (eps - x0)) ** 2).mean().item())
     return float(np.mean(losses))
 
 
@@ -195,7 +218,6 @@ def test_loss_falls_and_only_lora_changes(cache, tmp_path):
     ema = read_dcp(ckpt(tmp_path, 40), "ema")
     model_sd = read_dcp(ckpt(tmp_path, 40), "model")
     assert set(model_sd) == set(ema) and all(".lora_" in k for k in model_sd)  # nothing else is trainable
-    train.caption_dropout = 0.0
     before, after = held_out_loss(cache), held_out_loss(cache, model_sd)
     assert after < 0.8 * before, (before, after)
 
@@ -378,10 +400,11 @@ def validation_models(tmp_path_factory):
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_validation_videos_on_every_rank(cache, tmp_path, validation_models, nproc):
     """Validation samples with the EMA weights on all ranks (3 prompts over 2 ranks: one rank samples a spare
-    copy and writes nothing, so FSDP's collectives stay in step) and writes one mp4 per prompt."""
+    copy and writes nothing, so FSDP's collectives stay in step) and writes one mp4 per prompt. Mid-run, training
+    goes on from the trained weights: the run ends as one without validation does."""
     from prep_data import read_video
 
-    run_train(tmp_path, cache, "max_iter=2", "save_iter=2", "val_iter=2", "val_num_frames=5", "val_steps=2",
+    run_train(tmp_path, cache, "max_iter=3", "save_iter=3", "val_iter=2", "val_num_frames=5", "val_steps=2",
               "video_size=(32, 32)", f"vae_checkpoint='{validation_models / 'tokenizer.pth'}'",
               f"text_encoder='{validation_models / 'text_encoder'}'",
               "val_prompts=['A video of sks teal robot.', 'A red circle.', 'A blue square.']", nproc=nproc)
@@ -389,6 +412,11 @@ def test_validation_videos_on_every_rank(cache, tmp_path, validation_models, npr
     assert [v.name for v in videos] == [f"iter_000000002_{i:02d}.mp4" for i in range(3)]
     frames, info = read_video(videos[0])
     assert frames.shape == (5, 32, 32, 3)
+    if nproc == 1:
+        run_train(tmp_path / "plain", cache, "max_iter=3", "save_iter=3")
+        for section in ("model", "ema"):
+            a, b = read_dcp(ckpt(tmp_path, 3), section), read_dcp(ckpt(tmp_path / "plain", 3), section)
+            assert all(torch.equal(a[k], b[k]) for k in a), section
 
 
 def test_nemo_lora_config_is_the_reference_recipe():
@@ -419,3 +447,242 @@ def test_online_encoding_of_raw_videos(cache, tmp_path, validation_models):
                        f"text_encoder='{validation_models / 'text_encoder'}'")
     assert "iter 2: loss" in result.stdout
     assert set(read_dcp(ckpt(tmp_path, 2), "model")) == set(read_dcp(ckpt(tmp_path, 2), "ema"))
+
+
+def test_online_encoding_equals_the_cache(tmp_path, validation_models, monkeypatch):
+    """train.py's online encoding gives the cache's latents for the same clip, and both are the VAE's encoding of
+    the frames cast to its dtype and scaled to [-1, 1] (the reference's uint8.to(bf16) / 127.5 - 1)."""
+    from model import WanVAE
+    from prep_data import CachedDataset, VideoDataset, read_video
+
+    write_synthetic_dataset(tmp_path / "robot", num_videos=1, num_frames=17, size=(32, 32))
+    vae_path = validation_models / "tokenizer.pth"
+    vae = WanVAE.from_pretrained(vae_path)  # bf16, as train.py loads it
+    cached = CachedDataset(build_cache(tmp_path / "robot", vae, HashTextEncoder(), "wan", "hash", num_frames=17,
+                                       video_size=(32, 32)).parent)[0]["latents"]
+    monkeypatch.setattr(train, "vae_checkpoint", str(vae_path))
+    monkeypatch.setattr(train, "text_encoder", str(validation_models / "text_encoder"))
+    dataset = VideoDataset(tmp_path / "robot", num_frames=17, video_size=(32, 32))  # 17 frames: the whole video
+    online = train.OnlineEncoder(dataset, torch.device("cpu"))(train.collate([dataset[0]]))["latents"][0]
+    assert torch.equal(online.to(torch.bfloat16), cached)
+    frames, _ = read_video(dataset.videos[0])
+    with torch.no_grad():
+        by_hand = vae.encode(torch.from_numpy(frames).permute(3, 0, 1, 2)[None].to(torch.bfloat16) / 127.5 - 1)[0]
+    assert torch.equal(online, by_hand)
+
+
+def karras_beta(step, rel_width=0.1):
+    """The power EMA's weight on the previous average (Karras et al. 2024): (1 - 1/(t+1))^(gamma+1), where gamma
+    gives the relative width rel_width^2 = (gamma+1) / ((gamma+2)^2 (gamma+3)); found here by bisection."""
+    low, high = 0.0, 100.0
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if (mid + 1) / ((mid + 2) ** 2 * (mid + 3)) > rel_width ** 2 else (low, mid)
+    return (1 - 1 / (step + 1)) ** (low + 1)
+
+
+def test_ema_is_the_power_ema_of_the_trained_weights(cache, tmp_path):
+    run_train(tmp_path, cache, "max_iter=3", "save_iter=1", "keep_last=0", "ema_rate=0.25")
+    weights = [read_dcp(ckpt(tmp_path, s), "model") for s in (1, 2, 3)]
+    emas = [read_dcp(ckpt(tmp_path, s), "ema") for s in (1, 2, 3)]
+    assert 0.3 < karras_beta(1, 0.25) < karras_beta(2, 0.25) < 0.6  # a wide EMA: weights that tell the steps apart
+    for k in weights[0]:
+        expected = weights[0][k].double()  # the first step's weight on the previous average is 0
+        assert torch.equal(emas[0][k], weights[0][k]), k
+        for s in (1, 2):
+            expected = karras_beta(s, 0.25) * expected + (1 - karras_beta(s, 0.25)) * weights[s][k].double()
+            assert torch.allclose(emas[s][k].double(), expected, rtol=1e-5, atol=1e-8), (k, s)
+        assert not torch.allclose(emas[2][k], weights[2][k]) or not weights[2][k].any()
+
+
+HOLD_FIRST_STEP = """
+real_loss = train.flow_matching_loss
+def loss_once_released(*args):
+    while not Path(os.environ["RELEASE"]).exists():
+        time.sleep(0.1)
+    return real_loss(*args)
+train.flow_matching_loss = loss_once_released
+"""
+
+
+def test_a_run_folder_has_one_writer(cache, tmp_path):
+    """A second run on a run folder in use is refused at once, naming the first (host and pid), which goes on
+    untouched; the lock goes at exit, and one left by a process gone from this host is taken over."""
+    run_dir, lock = tmp_path / "run", tmp_path / "run" / "train.lock"
+    first = subprocess.Popen([sys.executable, wrapped(tmp_path, HOLD_FIRST_STEP),
+                              *train_args(tmp_path, cache, "max_iter=2", "save_iter=1")], cwd=REPO, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=dict(os.environ, OMP_NUM_THREADS="1", RELEASE=str(tmp_path / "release")))
+    try:
+        for _ in range(1200):  # the first run holds the folder once it wrote config.json
+            if (run_dir / "config.json").exists() or first.poll() is not None:
+                break
+            time.sleep(0.1)
+        second = run_train(tmp_path, cache, "max_iter=4", check=False)
+        assert second.returncode == 1 and "Traceback" not in second.stderr
+        assert (f"{run_dir} is in use by another train.py run (host and pid: {socket.gethostname()} {first.pid}, "
+                f"in {lock})") in second.stderr
+        assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "train.lock"]
+    finally:
+        (tmp_path / "release").touch()
+        stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    assert (ckpt(tmp_path, 2) / ".metadata").is_file() and not lock.exists()
+    # a lock whose process has ended on this host is stale
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(f"{socket.gethostname()} {gone.stdout.strip()}\n")
+    result = run_train(tmp_path, cache, "max_iter=3")
+    assert f"{lock}: its run (pid {gone.stdout.strip()}) is gone; taking the run folder over" in result.stdout
+    assert (ckpt(tmp_path, 3) / ".metadata").is_file() and not lock.exists()
+    # one from another host cannot be checked from here
+    lock.write_text("elsewhere 123\n")
+    refused = run_train(tmp_path, cache, "max_iter=4", check=False)
+    assert "is in use by another train.py run (host and pid: elsewhere 123" in refused.stderr
+    assert lock.read_text() == "elsewhere 123\n" and not ckpt(tmp_path, 4).exists()
+
+
+SIGNAL_IN_THIRD_STEP = """
+real_loss, calls = train.flow_matching_loss, []
+def loss_then_signal(*args):
+    calls.append(1)
+    if len(calls) == 3 and os.environ.get("RANK", "0") == os.environ["SIGNAL_RANK"]:
+        os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL"]))
+    return real_loss(*args)
+train.flow_matching_loss = loss_then_signal
+"""
+
+
+def test_preemption_saves_the_step_on_every_rank_and_the_same_command_resumes(cache, tmp_path):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    common = ("max_iter=5", "save_iter=100", "batch_size=1")
+    run_train(straight, cache, *common, nproc=2)
+    # rank 1 alone is sent SIGTERM during its third step: both ranks finish it, save it and stop
+    result = run_train(stopped, cache, *common, nproc=2, check=False, script=wrapped(tmp_path, SIGNAL_IN_THIRD_STEP),
+                       env={"SIGNAL": "SIGTERM", "SIGNAL_RANK": "1"})
+    assert result.returncode != 0
+    assert result.stderr.count("SIGTERM: stopped after iteration 3 and saved it; the same command resumes") == 1
+    assert (stopped / "run" / "checkpoints" / "latest_checkpoint.txt").read_text().strip() == "iter_000000003"
+    assert not ckpt(stopped, 5).exists() and not (stopped / "run" / "train.lock").exists()
+    resumed = run_train(stopped, cache, *common, nproc=2)
+    assert f"resumed from {ckpt(stopped, 3)} at iteration 3" in resumed.stdout
+    for section in ("model", "ema"):
+        a, b = read_dcp(ckpt(straight, 5), section), read_dcp(ckpt(stopped, 5), section)
+        assert all(torch.equal(a[k], b[k]) for k in a), section
+    # SIGUSR1 where the config names it (SLURM's --signal=USR1@<seconds>); the exit code is 128 + the signal's
+    result = run_train(tmp_path / "usr1", cache, "max_iter=5", "preempt_signal='SIGUSR1'", check=False,
+                       script=wrapped(tmp_path, SIGNAL_IN_THIRD_STEP), env={"SIGNAL": "SIGUSR1", "SIGNAL_RANK": "0"})
+    assert result.returncode == 128 + signal.SIGUSR1, result.stderr
+    assert "SIGUSR1: stopped after iteration 3" in result.stderr and (ckpt(tmp_path / "usr1", 3) / ".metadata").is_file()
+
+
+def test_two_nodes_train_and_resume_on_one_node(cache, tmp_path):
+    """Two torchrun "nodes" on this host (one process each, one c10d rendezvous endpoint) train with checkpoints;
+    the run goes on on one node and ends as a one-node run of the same global batch does."""
+    two, one = tmp_path / "two_nodes", tmp_path / "one_node"
+    common = ("save_iter=2", "logging_iter=1", "eps=1e-6")  # eps: see the two-ranks test
+    port = free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
+                               "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                               "--rdzv_id=two_nodes", "--local_addr=127.0.0.1", "train.py",
+                               *train_args(two, cache, "max_iter=2", "batch_size=1", *common)],
+                              cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=dict(os.environ, OMP_NUM_THREADS="1")) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    resumed = run_train(two, cache, "max_iter=4", "batch_size=2", *common)
+    assert "iteration 2" in resumed.stdout and "world_size 2 -> 1" in resumed.stdout
+    straight = run_train(one, cache, "max_iter=4", "batch_size=2", *common)
+    assert np.allclose(logged_losses(straight.stdout)[2:], logged_losses(resumed.stdout), rtol=1e-5)
+    a, b = read_dcp(ckpt(one, 4), "model"), read_dcp(ckpt(two, 4), "model")
+    for k in a:  # as in the two-ranks test: reduction order only
+        assert torch.allclose(a[k], b[k], rtol=0, atol=5e-5), k
+
+
+RECORD_SAMPLES = """
+real_loss = train.flow_matching_loss
+def recording_loss(model, x0, text_emb, generators):
+    for x, g in zip(x0, generators):
+        print(f"sample seed {g.initial_seed()} latents {x.double().sum().item():.6f}", flush=True)
+    return real_loss(model, x0, text_emb, generators)
+train.flow_matching_loss = recording_loss
+"""
+
+
+def test_resume_on_another_world_size_keeps_the_data_order(cache, tmp_path):
+    """Two processes then one, same per-process batch: the global batch halves, and the run goes on with exactly
+    the samples (clip and noise) a continuous run draws next."""
+    def seen(result):
+        return [line for line in result.stdout.splitlines() if line.startswith("sample ")]
+
+    run_train(tmp_path, cache, "max_iter=2", "save_iter=2", "batch_size=1", nproc=2)  # samples 0-3
+    resumed = run_train(tmp_path, cache, "max_iter=4", "batch_size=1", script=wrapped(tmp_path, RECORD_SAMPLES))
+    assert "world_size 2 -> 1; global_batch 2 -> 1 (the data goes on from sample 4 of the stream" in resumed.stdout
+    continuous = run_train(tmp_path / "continuous", cache, "max_iter=6", "batch_size=1",
+                           script=wrapped(tmp_path, RECORD_SAMPLES))
+    assert len(seen(resumed)) == 2 and seen(resumed) == seen(continuous)[4:]
+    assert json.loads((ckpt(tmp_path, 4) / "meta.json").read_text())["samples"] == 6
+
+
+def test_same_seed_same_run_on_a_base_checkpoint_and_grad_clip_0_is_no_clipping(cache, tmp_path):
+    from model import DIT_PRESETS, DiT
+
+    torch.manual_seed(1)
+    base = tmp_path / "base.pt"
+    torch.save({f"net.{k}": v for k, v in DiT(DIT_PRESETS["tiny"]).state_dict().items()}, base)
+    runs = {name: run_train(tmp_path / name, cache, f"base_checkpoint='{base}'", "max_iter=1", "logging_iter=1", clip)
+            for name, clip in (("a", "grad_clip=0"), ("b", "grad_clip=0"), ("unclipped", "grad_clip=1e9"))}
+    assert logged(runs["a"].stdout, "grad_norm") == logged(runs["b"].stdout, "grad_norm")
+    a, b, unclipped = (read_dcp(ckpt(tmp_path / name, 1), "model") for name in runs)
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], unclipped[k]) for k in a)
+    assert all(a[k].any() for k in a if ".lora_B." in k)  # it learns (clipping to 0 left B at 0)
+
+
+def test_bad_inputs_are_one_message_and_leave_no_run_folder(cache, tmp_path, validation_models):
+    truncated = tmp_path / "cache"
+    shutil.copytree(cache, truncated)
+    latent = sorted((truncated / "latents").iterdir())[0]
+    latent.write_bytes(latent.read_bytes()[:-100])
+    vae = validation_models / "tokenizer.pth"
+    for overrides, message in (
+            ((f"cache_dir='{truncated}'",), f"cache_dir: {latent}: unreadable cache file"),
+            (("cache_dir=''", f"dataset_dir='{tmp_path}'", "vae_checkpoint='vae.pth'", "text_encoder='te'"),
+             f"dataset_dir: {tmp_path}: no videos/ folder"),
+            ((f"base_checkpoint='{vae}'",), f"base_checkpoint {vae}: {vae} has no keys under prefix 'net.'"),
+            (("lr=-1",), "config key 'lr' (on the command line) must be > 0, got -1.0"),
+            (("lora_target_modules=foo",), "config key 'lora_target_modules': lora targets ['foo'] match no Linear "
+                                           "of DiT; a target is a Linear's name or a dotted suffix of it, e.g. ")):
+        result = run_train(tmp_path / "out", cache, *overrides, check=False)
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, (
+            overrides, result.stderr)
+        assert not (tmp_path / "out").exists()
+    # under torchrun the message comes once (rank 0) and every rank exits with the same code
+    result = run_train(tmp_path / "out", cache, "lr=-1", nproc=2, check=False)
+    assert result.stderr.count("config key 'lr' (on the command line) must be > 0") == 1, result.stderr
+    assert "exitcode  : 1" in result.stderr and "exitcode  : -" not in result.stderr, result.stderr
+
+
+def test_config_checks_every_setting_against_its_range():
+    saved = {k: getattr(train, k) for k in train.CONFIG_KEYS}
+    for args, message in (
+            (["shift=0"], "config key 'shift' (on the command line) must be > 0, got 0.0"),
+            (["caption_dropout=1.5"], "'caption_dropout' (on the command line) must be in [0, 1], got 1.5"),
+            (["conditional_frames_probs={0: 0.3, 1: 0.2, 2: 0.2}"], "probabilities >= 0 and summing to 1, got {0: "),
+            (["conditional_frames_probs={0: 1.5, 1: -0.5}"], "probabilities >= 0 and summing to 1, got {0: 1.5"),
+            (["conditional_frames_probs={3: 1.0}"], "{frames: probability} for frames in [0, 2]"),
+            (["max_num_conditional_frames=5"], "'max_num_conditional_frames' (on the command line) must be in [0, 2]"),
+            (["num_frames=5", "conditional_frames_probs={0: 0.5, 1: 0.5}"],
+             "'max_num_conditional_frames' (the default) must be in [0, 1] (0-2 frames, fewer than the 2 latent"),
+            (["num_frames=20"], "'num_frames' (on the command line) must be 1 + 4k"),
+            (["video_size=(60, 64)"], "must be (H, W), multiples of 16"),
+            (["grad_clip=-1"], "'grad_clip' (on the command line) must be >= 0 (the largest gradient norm; 0 = no "),
+            (["ema_rate=0.5"], "'ema_rate' (on the command line) must be in (0, 0.3], got 0.5"),
+            (["warmup_steps=10", "cycle_length=10"], "'cycle_length' (on the command line) must be > warmup_steps"),
+            (["betas=(0.9, 1.0)"], "'betas' (on the command line) must be two numbers in [0, 1)"),
+            (["preempt_signal=SIGKILL"], "must be one of 'SIGTERM', 'SIGUSR1', got 'SIGKILL'")):
+        try:
+            with pytest.raises(SystemExit) as e:
+                train.load_config(args)
+        finally:
+            for k, v in saved.items():
+                setattr(train, k, v)
+        assert message in str(e.value.code), (args, e.value.code)
