@@ -340,8 +340,8 @@ def test_latent_not_divisible_by_patch():
 
 
 @pytest.mark.parametrize("checkpointing, message", [
-    ("none", "set activation_checkpointing to 'full' or 'selective' (got 'none')"),
-    ("selective", "needs CUDA tensors (got cpu)")])
+    ("none", "set activation_checkpointing='full' or 'selective' (got 'none')"),
+    ("selective", "needs a CUDA device (got cpu)")])
 def test_offload_block_inputs_needs_checkpointing_and_cuda(checkpointing, message):
     model = tiny_model()
     model.activation_checkpointing, model.offload_block_inputs = checkpointing, True
