@@ -532,26 +532,25 @@ class DiT(nn.Module):
         without projection); condition_mask [B,1,T,H,W] (1 on conditioning frames); padding_mask [B,1,H',W'].
         Returns the velocity prediction [B,16,T,H,W] in fp32. Under context parallelism every rank of the group
         passes the same whole inputs and gets the whole output."""
-        x_B_C_T_H_W, sigma_B_T = self.prepare_inputs(x, sigma, condition_mask, padding_mask)  # [B,18,T,H,W]
-        _, _, T, H, W = x.shape
+        x_B_C_T_H_W, sigma_B_T = self.prepare_inputs(x, sigma, condition_mask, padding_mask)  # [B,18,T,H,W], [B,1|T']
         p, pt = self.cfg.patch_spatial, self.cfg.patch_temporal
-        rope_cos_sin = self.pos_embedder(T // pt, H // p, W // p)  # 2 x [L,Dh] fp32, L = T'H'W', frame-major
-        if self.cp_group is not None:
+        T, H, W = x.shape[2] // pt, x.shape[3] // p, x.shape[4] // p  # the grid of patches, T' x H' x W'
+        rope_cos_sin = self.pos_embedder(T, H, W)  # 2 x [L,Dh] fp32, L = T'H'W' tokens, frame-major
+        if self.cp_group is not None:  # this rank's frames: [B,18,T/cp,H,W], [B,1|T'/cp], 2 x [L/cp,Dh]
             x_B_C_T_H_W, sigma_B_T, rope_cos_sin = self.local_share(x_B_C_T_H_W, sigma_B_T, rope_cos_sin)
-        x_B_T_H_W_D = self.x_embedder(x_B_C_T_H_W)  # [B,T',H',W',D] (T' local under context parallelism)
-        x_B_T_HW_D = x_B_T_H_W_D.flatten(2, 3)  # [B,T',H'W',D]
-        if self.cfg.use_crossattn_projection:
-            crossattn_emb = self.crossattn_proj(crossattn_emb.to(x_B_T_HW_D.dtype))  # [B,M,1024]
+        x_B_T_HW_D = self.x_embedder(x_B_C_T_H_W).flatten(2, 3)  # [B,T',H'W',D] (T'/cp under context parallelism)
+        if self.cfg.use_crossattn_projection:  # [B,M,100352] -> [B,M,1024]
+            crossattn_emb = self.crossattn_proj(crossattn_emb.to(x_B_T_HW_D.dtype))
         crossattn_emb_B_M_D = crossattn_emb.to(x_B_T_HW_D.dtype)  # [B,M,1024]
 
         emb_B_T_D = self.t_embedder[0](sigma_B_T)  # [B,Tt,D] fp32, Tt = 1 or T'
         adaln_lora_B_T_3D = self.t_embedder[1](emb_B_T_D)  # [B,Tt,3D] fp32
         t_emb_B_T_D = self.t_embedding_norm(emb_B_T_D)  # [B,Tt,D] fp32
-        block_args = (t_emb_B_T_D, adaln_lora_B_T_3D, crossattn_emb_B_M_D, rope_cos_sin)
-        x_B_T_HW_D = self.run_blocks(x_B_T_HW_D, *block_args)  # [B,T',H'W',D]
+        x_B_T_HW_D = self.run_blocks(x_B_T_HW_D, t_emb_B_T_D, adaln_lora_B_T_3D, crossattn_emb_B_M_D,
+                                     rope_cos_sin)  # [B,T',H'W',D]
 
         out = self.final_layer(x_B_T_HW_D, t_emb_B_T_D, adaln_lora_B_T_3D)  # [B,T',H'W',p*p*pt*16] fp32
-        out = self.unpatchify(out, *x_B_T_H_W_D.shape[1:4])  # [B,16,T,H,W] (T/cp frames if parallel)
+        out = self.unpatchify(out, H, W)  # [B,16,T,H,W] (T/cp frames under context parallelism)
         return out if self.cp_group is None else GatherFrames.apply(out, self.cp_group)  # [B,16,T,H,W]
 
     def prepare_inputs(self, x, sigma, condition_mask, padding_mask):
@@ -609,12 +608,13 @@ class DiT(nn.Module):
                     offload.block_input = None
         return x_B_T_HW_D
 
-    def unpatchify(self, out_B_T_HW_F, T, H, W):
+    def unpatchify(self, out_B_T_HW_F, H, W):
         """[B,T',H'W',p*p*pt*C] -> [B,C,T'pt,H'p,W'p]; the feature axis is ordered (p_h, p_w, p_t, C), C fastest."""
         p, pt, C = self.cfg.patch_spatial, self.cfg.patch_temporal, self.cfg.out_channels
-        out = out_B_T_HW_F.reshape(-1, T, H, W, p, p, pt, C)  # [B,T',H',W',p,p,pt,C]
+        B, T = out_B_T_HW_F.shape[:2]
+        out = out_B_T_HW_F.reshape(B, T, H, W, p, p, pt, C)  # [B,T',H',W',p,p,pt,C]
         out = out.permute(0, 7, 1, 6, 2, 4, 3, 5)  # [B,C,T',pt,H',p,W',p]
-        return out.reshape(-1, C, T * pt, H * p, W * p)  # [B,C,T,H,W]
+        return out.reshape(B, C, T * pt, H * p, W * p)  # [B,C,T,H,W]
 
     def enable_context_parallel(self, group):
         """Spread every video over the ranks of the process group `group` (None: back to one rank). The ranks must
@@ -644,9 +644,24 @@ class DiT(nn.Module):
     def load_official_state_dict(self, state_dict, source="state dict"):
         """Strict load of official keys (without the `net.` prefix). The bookkeeping `accum_*` buffers may be
         absent (zeros), so may the RoPE buffers (computed; released files carry them bf16-rounded and then those
-        are used) and this model's LoRA adapters (a base checkpoint has none). Works on a meta-device model."""
+        are used) and this model's LoRA adapters (a base checkpoint has none: they keep their values). A meta-device
+        model gets the tensors assigned (no copy)."""
         defaults = {f"pos_embedder.{k}": v for k, v in VideoRopePosition3DEmb(self.cfg).state_dict().items()}
-        load_strict(self, state_dict, source, defaults | dit_bookkeeping_buffers())
+        defaults |= dit_bookkeeping_buffers()
+        own = self.state_dict()
+        optional = set(defaults) | {k for k in own if ".lora_" in k}
+        check_keys(state_dict, own, f"cannot load {source} into DiT", optional=optional)
+        full = dict(state_dict)
+        for k, v in own.items():
+            if k not in full:
+                if k in defaults:
+                    full[k] = defaults[k]
+                elif v.is_meta:
+                    raise KeyError(f"cannot load {source}: {k} is absent and the model, built on the meta device, "
+                                   f"has no value for it (inject LoRA after loading the base weights)")
+                else:
+                    full[k] = v
+        self.load_state_dict(full, strict=True, assign=any(t.is_meta for t in own.values()))
 
 
 def dit_bookkeeping_buffers():
@@ -666,27 +681,6 @@ def load_checkpoint_file(path, prefix=None):
         sample = ", ".join(list(obj)[:5])
         raise ValueError(f"{path} has no keys under prefix {prefix!r} (first keys: {sample})")
     return state_dict
-
-
-def load_strict(model, state_dict, source, defaults):
-    """Copy `state_dict` into `model` through check_keys. Keys in `defaults` may be missing (their default value is
-    used); so may LoRA adapter keys, which keep the model's own values. A meta-device model gets the tensors
-    assigned (no copy)."""
-    own = model.state_dict()
-    optional = set(defaults) | {k for k in own if ".lora_" in k}
-    check_keys(state_dict, {k: v.shape for k, v in own.items()}, f"cannot load {source} into {type(model).__name__}",
-               optional=optional)
-    full = dict(state_dict)
-    for k, v in own.items():
-        if k not in full:
-            if k in defaults:
-                full[k] = defaults[k]
-            elif v.is_meta:
-                raise KeyError(f"cannot load {source}: {k} is absent and the model, built on the meta device, has "
-                               f"no value for it (inject LoRA after loading the base weights)")
-            else:
-                full[k] = v
-    model.load_state_dict(full, strict=True, assign=any(t.is_meta for t in own.values()))
 
 
 def infer_dit_config(state_dict, source="state dict"):
@@ -839,7 +833,7 @@ class VAEAttentionBlock(nn.Module):
         self.to_qkv = nn.Conv2d(dim, dim * 3, 1)  # 1x1 convs in the checkpoint, applied here as linear layers
         self.proj = nn.Conv2d(dim, dim, 1)
 
-    def forward(self, x_B_C_T_H_W):
+    def forward(self, x_B_C_T_H_W, cache=None):  # attention is per frame: nothing to carry across chunks
         B, C, T, H, W = x_B_C_T_H_W.shape
         h_BT_L_C = self.norm(x_B_C_T_H_W).permute(0, 2, 3, 4, 1).reshape(B * T, H * W, C)  # tokens per frame
         qkv_BT_L_3C = F.linear(h_BT_L_C, self.to_qkv.weight.view(3 * C, C), self.to_qkv.bias)
@@ -923,11 +917,8 @@ class VAEEncoder(nn.Module):
 
     def forward(self, x_B_3_T_H_W, cache: VAEFeatureCache):
         x = self.conv1(x_B_3_T_H_W, cache)
-        for layer in self.downsamples:
+        for layer in (*self.downsamples, *self.middle):
             x = layer(x, cache)
-        x = self.middle[0](x, cache)
-        x = self.middle[1](x)
-        x = self.middle[2](x, cache)
         return self.head["2"](x, cache, norm=self.head["0"])
 
 
@@ -955,10 +946,7 @@ class VAEDecoder(nn.Module):
 
     def forward(self, z_B_C_t_h_w, cache: VAEFeatureCache):
         x = self.conv1(z_B_C_t_h_w, cache)
-        x = self.middle[0](x, cache)
-        x = self.middle[1](x)
-        x = self.middle[2](x, cache)
-        for layer in self.upsamples:
+        for layer in (*self.middle, *self.upsamples):
             x = layer(x, cache)
         return self.head["2"](x, cache, norm=self.head["0"])
 
@@ -1170,16 +1158,10 @@ class TextEncoderConfig:
             raise ValueError(f"{path}: hidden_act {field('hidden_act')!r} not supported, expected 'silu'")
         if field("use_sliding_window", default=False):
             raise ValueError(f"{path}: use_sliding_window=true is not supported")
-        return cls(
-            vocab_size=field("vocab_size"),
-            hidden_size=field("hidden_size"),
-            intermediate_size=field("intermediate_size"),
-            num_layers=field("num_hidden_layers"),
-            num_heads=field("num_attention_heads"),
-            num_kv_heads=field("num_key_value_heads"),
-            rms_norm_eps=field("rms_norm_eps"),
-            rope_theta=rope.get("rope_theta") or field("rope_theta"),
-        )
+        return cls(vocab_size=field("vocab_size"), hidden_size=field("hidden_size"),
+                   intermediate_size=field("intermediate_size"), num_layers=field("num_hidden_layers"),
+                   num_heads=field("num_attention_heads"), num_kv_heads=field("num_key_value_heads"),
+                   rms_norm_eps=field("rms_norm_eps"), rope_theta=rope.get("rope_theta") or field("rope_theta"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1369,12 +1351,10 @@ def load_qwen_weights(model: TextEncoder, folder: Path):
     if index_path.is_file() and single_path.is_file():
         raise ValueError(f"{folder}: both {index_path.name} and {single_path.name} exist, remove one")
     if index_path.is_file():
-        key_to_file = json.loads(index_path.read_text())["weight_map"]
-        source = index_path
+        source, key_to_file = index_path, json.loads(index_path.read_text())["weight_map"]
     elif single_path.is_file():
         with safe_open(single_path, framework="pt") as f:
-            key_to_file = {k: single_path.name for k in f.keys()}
-        source = single_path
+            source, key_to_file = single_path, dict.fromkeys(f.keys(), single_path.name)
     else:
         raise FileNotFoundError(f"{folder}: no model.safetensors.index.json or model.safetensors")
 
