@@ -649,19 +649,14 @@ class DiT(nn.Module):
         defaults = {f"pos_embedder.{k}": v for k, v in VideoRopePosition3DEmb(self.cfg).state_dict().items()}
         defaults |= dit_bookkeeping_buffers()
         own = self.state_dict()
-        optional = set(defaults) | {k for k in own if ".lora_" in k}
-        check_keys(state_dict, own, f"cannot load {source} into DiT", optional=optional)
-        full = dict(state_dict)
-        for k, v in own.items():
-            if k not in full:
-                if k in defaults:
-                    full[k] = defaults[k]
-                elif v.is_meta:
-                    raise KeyError(f"cannot load {source}: {k} is absent and the model, built on the meta device, "
-                                   f"has no value for it (inject LoRA after loading the base weights)")
-                else:
-                    full[k] = v
-        self.load_state_dict(full, strict=True, assign=any(t.is_meta for t in own.values()))
+        adapters = {k: v for k, v in own.items() if ".lora_" in k}
+        check_keys(state_dict, own, f"cannot load {source} into DiT", optional=defaults.keys() | adapters.keys())
+        kept = {k: v for k, v in adapters.items() if k not in state_dict}
+        for k, v in kept.items():
+            if v.is_meta:
+                raise KeyError(f"cannot load {source}: {k} is absent and the model, built on the meta device, "
+                               f"has no value for it (inject LoRA after loading the base weights)")
+        self.load_state_dict(defaults | kept | state_dict, strict=True, assign=any(t.is_meta for t in own.values()))
 
 
 def dit_bookkeeping_buffers():
@@ -1067,8 +1062,8 @@ class WanVAE(nn.Module):
         cfg = cfg or wan_vae_config(state_dict, path)
         with torch.device("meta"):
             model = cls(cfg)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        check_keys(state_dict, expected, f"Wan VAE checkpoint {path} does not match the Wan2.1 VAE", ValueError)
+        check_keys(state_dict, model.state_dict(), f"Wan VAE checkpoint {path} does not match the Wan2.1 VAE",
+                   ValueError)
         model.load_state_dict(state_dict, strict=True, assign=True)
         return model.to(device=device, dtype=dtype).eval()
 
