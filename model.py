@@ -1420,7 +1420,7 @@ def check_keys(found, expected, source, error=KeyError, optional=()):
     report = [f"{title} keys ({len(keys)}): {keys[:20]}" + (f" and {len(keys) - 20} more" if len(keys) > 20 else "")
               for title, keys in problems.items() if keys]
     if report:
-        raise error(f"{source}:\n  " + "\n  ".join(report))
+        raise error(f"{source}: " + "; ".join(report))
 
 
 def _shape(v):
