@@ -23,6 +23,7 @@ the end); those rows are masked out of every softmax. Stores go through [B, S, H
 clipped at their own batch's S (the Hopper backward's dQ reduce-adds are not: there, rows past S add exact zeros).
 """
 
+import functools
 import math
 import os
 
@@ -315,12 +316,17 @@ def _launch_fwd(q, k, v, scale, out, lse, hopper=None):
     _launch(_attn_fwd_kernel, _attn_fwd_tuned, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * H), args)
 
 
+@functools.cache
+def _num_sms(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _dkdv_splits(Sq, Sk, B, H, device):
     """How many query ranges the dK/dV kernel splits into, so that there are >= 2 programs per SM."""
     if _INTERPRET:  # small enough that the tiny test shapes exercise the split path
         target, block = 8, _INTERPRET_META["BLOCK_M"]
     else:
-        target, block = 2 * torch.cuda.get_device_properties(device).multi_processor_count, 128
+        target, block = 2 * _num_sms(device), 128
     programs = triton.cdiv(Sk, block) * B * H
     return max(1, min(triton.cdiv(target, programs), triton.cdiv(Sq, block)))
 

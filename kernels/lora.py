@@ -18,15 +18,13 @@ tile's loads are in flight during this tile's epilogue. The flags need every pro
 launch (under the CPU interpreter, which runs programs one after another, a single program walks every tile).
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import LORA_MAX_RANK
-from kernels.attention import _INTERPRET, _dot
+from kernels.attention import _INTERPRET, _dot, _num_sms
 
 
 @triton.jit
@@ -167,11 +165,6 @@ _lora_bwd_tuned = triton.autotune(_CONFIGS, key=["M", "N", "K"], reset_to_zero=[
 def _desc(t):
     """TMA descriptor of a 2-D tensor with contiguous rows; each config sets its tile shape (see the pre-hooks)."""
     return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [16, 16])
-
-
-@functools.cache
-def _num_sms(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def block_r(r):
