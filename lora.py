@@ -12,8 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels import LORA_MAX_RANK
+from model import check_keys
+
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,output_proj,mlp.layer1,mlp.layer2"
-FUSED_MAX_RANK = 64  # kernels/lora.py's MAX_RANK (not imported here: Triton loads only where the kernel runs)
 FUSED_DEVICE = "cuda"  # where the fused kernel runs (tests/test_kernels.py sends CPU calls there too)
 
 
@@ -34,7 +36,7 @@ class LoRALinear(nn.Module):
         self.scale = {}  # adapter name -> alpha / rank * multiplier (the multiplier is 1 unless set)
         self.dropout = {}  # adapter name -> dropout probability
         self.merged = set()  # adapters folded into self.weight
-        self.use_fused_kernel = True  # one adapter, see _fused_kernel_serves (False: plain PyTorch, for comparison)
+        self.use_fused_kernel = True  # see fused_kernel_serves (False: plain PyTorch, for comparison)
 
     def add_adapter(self, name, rank, alpha, dropout=0.0, dtype=torch.float32):
         if name in self.lora_A:
@@ -59,8 +61,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         active = self.active_adapters()
-        if len(active) == 1 and self._fused_kernel_serves(x, active[0]):
-            from kernels.lora import lora_linear
+        if len(active) == 1 and self.fused_kernel_serves(x, active[0]):
+            from kernels.lora import lora_linear  # Triton loads only where its kernel runs
 
             name = active[0]
             return lora_linear(x, self.weight, self.lora_A[name].weight, self.lora_B[name].weight, self.scale[name])
@@ -71,65 +73,57 @@ class LoRALinear(nn.Module):
             y = y + self.scale[name] * F.linear(F.linear(h, A.to(x.dtype)), B.to(x.dtype))
         return y
 
-    def _fused_kernel_serves(self, x, name):
-        """Whether kernels/lora.py runs this call: CUDA, bf16/fp16 x and W, no bias or dropout, rank <= 64, and every
-        width a multiple of 8 (its TMA rows are 16-byte aligned). Anything else runs in plain PyTorch."""
+    def fused_kernel_serves(self, x, name):
+        """Whether kernels/lora.py runs this call: one active adapter (the caller's test), CUDA, bf16/fp16 x and W, no
+        bias or dropout, a rank the kernel serves, every width a multiple of 8 (its TMA rows are 16-byte aligned)."""
         rank = self.lora_A[name].weight.shape[0]
         return (self.use_fused_kernel and x.device.type == FUSED_DEVICE and x.dtype in (torch.bfloat16, torch.float16)
                 and self.weight.dtype == x.dtype and self.bias is None and self.dropout[name] == 0.0
-                and rank <= FUSED_MAX_RANK and rank % 8 == 0 and self.in_features % 8 == 0
+                and rank <= LORA_MAX_RANK and rank % 8 == 0 and self.in_features % 8 == 0
                 and self.out_features % 8 == 0)
 
-    @torch.no_grad()
-    def delta_weight(self, name):
-        A, B = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
-        return self.scale[name] * (B @ A)  # [out, in] fp32
-
-    @torch.no_grad()
     def merge(self, name):
         if name in self.merged:
             raise ValueError(f"adapter {name!r} is already merged")
-        self.weight.copy_((self.weight.float() + self.delta_weight(name)).to(self.weight.dtype))
+        self.add_to_weight(name, 1)
         self.merged.add(name)
 
-    @torch.no_grad()
     def unmerge(self, name):
         if name not in self.merged:
             raise ValueError(f"adapter {name!r} is not merged")
-        self.weight.copy_((self.weight.float() - self.delta_weight(name)).to(self.weight.dtype))
+        self.add_to_weight(name, -1)
         self.merged.remove(name)
+
+    @torch.no_grad()
+    def add_to_weight(self, name, sign):  # W += sign * scale * B A, in fp32
+        A, B = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
+        self.weight.copy_((self.weight.float() + sign * self.scale[name] * (B @ A)).to(self.weight.dtype))
 
     def extra_repr(self):
         adapters = ", ".join(f"{n}(r={self.lora_A[n].out_features}, scale={self.scale[n]:g})" for n in self.lora_A)
         return f"in={self.in_features}, out={self.out_features}, adapters=[{adapters}]"
 
 
-def matches(module_name, targets):
-    """PEFT's rule: a target matches the full module name or a dotted suffix of it."""
-    return any(module_name == t or module_name.endswith("." + t) for t in targets)
-
-
-def parse_targets(target_modules):
-    targets = [t.strip() for t in target_modules.split(",")] if isinstance(target_modules, str) else list(target_modules)
-    if not targets or any(not t for t in targets):
-        raise ValueError(f"bad lora target_modules {target_modules!r}")
-    return targets
-
-
 def inject_lora(model, target_modules=DEFAULT_TARGETS, rank=32, alpha=32, adapter_name="default", dropout=0.0,
                 dtype=torch.float32):
-    """Add the adapter `adapter_name` to every nn.Linear whose name matches a target (LoRALinear modules get
-    another adapter). Freezes nothing by itself; see `mark_only_lora_trainable`. Returns the adapted names."""
-    targets = parse_targets(target_modules)
+    """Add the adapter `adapter_name` to every nn.Linear whose name matches a target: the whole name or a dotted
+    suffix of it (PEFT's rule). LoRALinear modules get another adapter. Freezes nothing by itself (see
+    mark_only_lora_trainable). Returns the adapted names."""
+    if isinstance(target_modules, str):
+        targets = [t.strip() for t in target_modules.split(",")]
+    else:
+        targets = list(target_modules)
+    if not targets or any(not t for t in targets):
+        raise ValueError(f"bad lora target_modules {target_modules!r}")
     linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear)) and ".lora_" not in n]
-    unmatched = [t for t in targets if not any(matches(n, [t]) for n in linears)]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linears)]
     if unmatched:
         names = sorted({".".join(n.split(".")[-2:]) for n in linears} | {n.split(".")[-1] for n in linears})
         raise ValueError(f"lora targets {unmatched} match no Linear of {type(model).__name__}; a target is a "
                          f"Linear's name or a dotted suffix of it, e.g. {', '.join(names)}")
     adapted = []
     for name, module in list(model.named_modules()):
-        if not matches(name, targets):
+        if not any(name == t or name.endswith("." + t) for t in targets):
             continue
         if isinstance(module, nn.Linear):
             parent_name, _, child = name.rpartition(".")
@@ -183,15 +177,8 @@ def lora_state_dict(model, adapter_name="default"):
 
 @torch.no_grad()
 def load_lora_state_dict(model, state_dict, adapter_name="default"):
-    """Strictly load one adapter: every LoRA key of `adapter_name` in the model must be given, with its shape,
-    and nothing else."""
+    """Strictly load one adapter: every LoRA key of `adapter_name` in the model, with its shape, and nothing else."""
     own = lora_state_dict(model, adapter_name)
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    mis_shaped = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
-    if missing or unexpected or mis_shaped:
-        raise KeyError(f"adapter {adapter_name!r} does not fit the model: {len(missing)} missing "
-                       f"{missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}, mis-shaped {mis_shaped[:5]}")
+    check_keys(state_dict, own, f"adapter {adapter_name!r} does not fit the model")
     for k, v in own.items():
         v.copy_(state_dict[k])

@@ -4,6 +4,7 @@
    Parameter names equal the official checkpoint keys with the `net.` prefix removed.
 2. WanVAE: the Wan2.1 causal video VAE (the reference's "tokenizer"); keys equal `tokenizer.pth`.
 3. TextEncoder: the Qwen2.5 language model of Cosmos-Reason1-7B -> [B, 512, 100352] embeddings.
+4. Checkpoint files, and the one strict key check every loader uses.
 
 Numerics of the DiT follow the reference's "wan fp32 strategy": the timestep embedding, every adaLN modulation, the
 final layer and q/k around RoPE run in fp32; everything else runs in the parameter dtype (bf16 in training).
@@ -14,7 +15,6 @@ import functools
 import hashlib
 import json
 import math
-import re
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,10 +23,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from safetensors import safe_open
+from safetensors.torch import load_file
 from tokenizers import Tokenizer
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import kernels  # this repository's Triton kernels; each submodule loads where it runs (Triton is heavy)
 
@@ -62,8 +63,8 @@ class DiTConfig:
     rope_h_extrapolation_ratio: float = 3.0
     rope_w_extrapolation_ratio: float = 3.0
     rope_t_extrapolation_ratio: float = 1.0
-    # ours, not the reference's: "triton" = our kernels/attention.py on CUDA (SDPA elsewhere; on the H100 the training
-    # step is 1.6% faster than with cuDNN, BENCHMARKS.md); "sdpa" = PyTorch SDPA, cuDNN first on CUDA
+    # ours, not the reference's: "triton" = kernels/attention.py on CUDA (SDPA elsewhere; BENCHMARKS.md compares
+    # them); "sdpa" = PyTorch SDPA, cuDNN first on CUDA
     attention_backend: str = "triton"
 
     @property
@@ -93,14 +94,11 @@ class Fp32Linear(nn.Linear):
 
 
 def fused_on_cuda(fn):
-    """`fn` compiled by torch.compile for 16-bit CUDA activations (the blocks'), as written otherwise. Compiled, each
-    of these elementwise functions is one kernel that reads its inputs and writes its output once; eager, each op is a
-    pass over the activations (346 MB at 84,480 tokens, fp32 inside the norms and RoPE). On an H100 this took the 2B
-    training step from 13.2 to 12.1 s at 84,480 tokens (BENCHMARKS.md). CPU runs and tests stay eager, and so do the
-    fp32 calls (timestep-embedding norm, final layer; once a forward): torch.compile keeps at most eight graph variants
-    a function (grad mode, dtype, which inputs require grad and new shapes each add some), and those would use them up.
-    Past eight it runs the new variants eager with a warning; with fullgraph=True it would raise mid-run, so graph
-    breaks are caught by a test instead (tests/test_dit.py)."""
+    """`fn` compiled by torch.compile for 16-bit CUDA inputs (the blocks' activations), eager otherwise. Compiled, an
+    elementwise function is one kernel that reads its inputs and writes its output once, where eager runs a pass
+    over the activations per op. The fp32 calls (once a forward) stay eager: torch.compile keeps at most eight graph
+    variants a function and runs the rest eager with a warning. Graph breaks are caught by tests/test_dit.py
+    (fullgraph=True would raise mid-run)."""
     compiled = functools.cache(lambda: torch.compile(fn))  # made at the first CUDA call: importing Inductor is slow
 
     @functools.wraps(fn)
@@ -129,49 +127,41 @@ class RMSNorm(nn.Module):
         return rms_norm_fp32(x, self.weight, self.eps)
 
 
-class Patchify(nn.Module):
-    """[B,C,T,H,W] -> [B,T',H',W',C*pt*p*p], flattened channel-major: feature index = c*pt*p*p + r*p*p + m*p + n."""
-
-    def __init__(self, patch_spatial, patch_temporal):
-        super().__init__()
-        self.p, self.pt = patch_spatial, patch_temporal
-
-    def forward(self, x):
-        B, C, T, H, W = x.shape
-        p, pt = self.p, self.pt
-        x = x.reshape(B, C, T // pt, pt, H // p, p, W // p, p)  # [B,C,T',pt,H',p,W',p]
-        return x.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4)  # [B,T',H',W',C*pt*p*p]
-
-
 class PatchEmbed(nn.Module):
+    """Cut [B,C,T,H,W] into pt x p x p patches, flattened channel-major (feature c*pt*p*p + r*p*p + m*p + n), and
+    project each to D."""
+
     def __init__(self, patch_spatial, patch_temporal, in_channels, out_channels):
         super().__init__()
+        self.p, self.pt = patch_spatial, patch_temporal
         patch_dim = in_channels * patch_spatial * patch_spatial * patch_temporal
-        self.proj = nn.Sequential(Patchify(patch_spatial, patch_temporal), nn.Linear(patch_dim, out_channels, bias=False))
+        # index 0 holds the reference's parameter-free Rearrange (done in forward), so the Linear keeps its key
+        self.proj = nn.Sequential(nn.Identity(), nn.Linear(patch_dim, out_channels, bias=False))
 
-    def forward(self, x):
-        return self.proj(x)
+    def forward(self, x_B_C_T_H_W):
+        B, C, T, H, W = x_B_C_T_H_W.shape
+        p, pt = self.p, self.pt
+        x = x_B_C_T_H_W.reshape(B, C, T // pt, pt, H // p, p, W // p, p)  # [B,C,T',pt,H',p,W',p]
+        return self.proj(x.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4))  # [B,T',H',W',D]
 
 
 class VideoRopePosition3DEmb(nn.Module):
-    """3D rotary embedding: head dim split into t/h/w parts (44/42/42 for D=128), NTK-scaled bases.
+    """3D rotary embedding: head dim split into t/h/w parts (44/42/42 for D=128), NTK-scaled bases. The exponent
+    ranges and positions are persistent buffers because the released checkpoints store them bf16-rounded and the
+    reference network uses what it loads."""
 
-    The exponent ranges and positions are persistent buffers because the released checkpoints store them
-    bf16-rounded and the reference network uses what it loads (fidelity note 1).
-    """
-
-    def __init__(self, head_dim, len_h, len_w, len_t, h_extrapolation_ratio, w_extrapolation_ratio,
-                 t_extrapolation_ratio):
+    def __init__(self, cfg: DiTConfig):
         super().__init__()
-        dim_h = head_dim // 6 * 2
-        dim_t = head_dim - 2 * dim_h
-        self.register_buffer("seq", torch.arange(max(len_h, len_w, len_t), dtype=torch.float32))
+        dim_h = cfg.head_dim // 6 * 2
+        dim_t = cfg.head_dim - 2 * dim_h
+        self.max_h, self.max_w = cfg.max_img_h // cfg.patch_spatial, cfg.max_img_w // cfg.patch_spatial
+        self.max_t = cfg.max_frames // cfg.patch_temporal
+        self.register_buffer("seq", torch.arange(max(self.max_h, self.max_w, self.max_t), dtype=torch.float32))
         self.register_buffer("dim_spatial_range", torch.arange(0, dim_h, 2)[: dim_h // 2].float() / dim_h)
         self.register_buffer("dim_temporal_range", torch.arange(0, dim_t, 2)[: dim_t // 2].float() / dim_t)
-        self.max_h, self.max_w, self.max_t = len_h, len_w, len_t
-        self.h_theta = 10000.0 * h_extrapolation_ratio ** (dim_h / (dim_h - 2))
-        self.w_theta = 10000.0 * w_extrapolation_ratio ** (dim_h / (dim_h - 2))
-        self.t_theta = 10000.0 * t_extrapolation_ratio ** (dim_t / (dim_t - 2))
+        self.h_theta = 10000.0 * cfg.rope_h_extrapolation_ratio ** (dim_h / (dim_h - 2))
+        self.w_theta = 10000.0 * cfg.rope_w_extrapolation_ratio ** (dim_h / (dim_h - 2))
+        self.t_theta = 10000.0 * cfg.rope_t_extrapolation_ratio ** (dim_t / (dim_t - 2))
 
     def forward(self, T, H, W):
         """Returns (cos, sin), each [T*H*W, head_dim] in fp32, token order (t, h, w) row-major."""
@@ -209,7 +199,7 @@ def attention(q_B_S_H_D, k_B_S_H_D, v_B_S_H_D, backend="triton"):
     if backend not in ("triton", "sdpa"):
         raise ValueError(f"attention_backend must be 'triton' or 'sdpa', got {backend!r}")
     if backend == "triton" and q_B_S_H_D.is_cuda:
-        from kernels.attention import flash_attention
+        from kernels.attention import flash_attention  # Triton loads only where its kernels run
 
         return flash_attention(q_B_S_H_D, k_B_S_H_D, v_B_S_H_D)
     with sdpa_kernel(SDPA_PRIORITY, set_priority=True):
@@ -218,9 +208,9 @@ def attention(q_B_S_H_D, k_B_S_H_D, v_B_S_H_D, backend="triton"):
     return out_B_H_S_D.transpose(1, 2)
 
 
-def saved_attention_ops():
-    """The attention ops whose outputs selective activation checkpointing keeps: recomputing attention in the
-    backward would cost as much as its forward (83% of the DiT's FLOPs at 84,480 tokens)."""
+def keep_attention_context():
+    """Selective activation checkpointing: keep the outputs of the attention ops, recompute the rest. Recomputing
+    attention in the backward would cost as much as its forward, most of the DiT's FLOPs at long sequences."""
     ops = {torch.ops.aten._scaled_dot_product_flash_attention.default,
            torch.ops.aten._scaled_dot_product_cudnn_attention.default,
            torch.ops.aten._scaled_dot_product_efficient_attention.default}
@@ -228,13 +218,6 @@ def saved_attention_ops():
         import kernels.attention  # registers torch.ops.cosmos_kernels
 
         ops.add(torch.ops.cosmos_kernels.flash_attn_fwd.default)
-    return ops
-
-
-def keep_attention_context():
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-
-    ops = saved_attention_ops()
 
     def policy(ctx, func, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if func in ops else CheckpointPolicy.PREFER_RECOMPUTE
@@ -242,16 +225,25 @@ def keep_attention_context():
     return create_selective_checkpoint_contexts(policy)
 
 
+def check_offload(activation_checkpointing, offload_block_inputs, device):
+    """Block-input offload moves what activation checkpointing keeps, between a GPU and pinned host memory."""
+    if offload_block_inputs and activation_checkpointing == "none":
+        raise ValueError("offload_block_inputs=True moves the block inputs that activation checkpointing keeps: set "
+                         "activation_checkpointing='full' or 'selective' (got 'none')")
+    if offload_block_inputs and torch.device(device).type != "cuda":
+        raise ValueError(f"offload_block_inputs=True copies block inputs between the GPU and pinned host memory: it "
+                         f"needs a CUDA device (got {device})")
+
+
 class BlockInputOffload:
     """Keeps the block inputs that activation checkpointing saves in pinned CPU memory instead of on the GPU.
 
-    Under checkpointing the block inputs are most of what a step holds (the 14B's 36 bf16 inputs at 84,480 tokens
-    are 31 GB). Forward: each input is copied to the host on a side stream, overlapping the next blocks. Backward:
-    blocks are recomputed last to first; handing block i its input also starts copying block i-1's back, so that
-    copy overlaps block i's backward. Only the tensor set as `block_input` is moved; the other saved inputs
-    (timestep embedding, RoPE table, text) are shared by all blocks and stay where they are. Use as
-    `with offload.hooks():`; the hooks refer to this object but not the other way round, so the host copies are freed
-    with the graph (a reference cycle would keep them, pinned, until the garbage collector ran)."""
+    Under checkpointing the block inputs are most of what a step holds. Forward: each input is copied to the host on
+    a side stream, overlapping the next blocks. Backward: blocks are recomputed last to first; handing block i its
+    input also starts copying block i-1's back, so that copy overlaps block i's backward. Only the tensor set as
+    `block_input` is moved; the other saved inputs (timestep embedding, RoPE table, text) are shared by all blocks.
+    Use as `with offload.hooks():`; the hooks refer to this object but not the other way round, so the host copies
+    are freed with the graph (a reference cycle would keep them, pinned, until the garbage collector ran)."""
 
     class Saved:
         def __init__(self, host, index):
@@ -440,10 +432,9 @@ class Block(nn.Module):
 
     def forward(self, x_B_T_HW_D, t_emb_B_T_D, adaln_lora_B_T_3D, crossattn_emb_B_M_D, rope_cos_sin):
         B, T, HW, D = x_B_T_HW_D.shape
-        dtype = x_B_T_HW_D.dtype
         mods = []
         for adaln in (self.adaln_modulation_self_attn, self.adaln_modulation_cross_attn, self.adaln_modulation_mlp):
-            shift_scale_gate = (adaln(t_emb_B_T_D) + adaln_lora_B_T_3D).to(dtype)  # fp32 math, then [B,Tt,3D]
+            shift_scale_gate = (adaln(t_emb_B_T_D) + adaln_lora_B_T_3D).to(x_B_T_HW_D.dtype)  # fp32 math; [B,T,3D]
             mods.append(shift_scale_gate.chunk(3, dim=-1))
         (shift_sa, scale_sa, gate_sa), (shift_ca, scale_ca, gate_ca), (shift_mlp, scale_mlp, gate_mlp) = mods
 
@@ -510,10 +501,7 @@ class DiT(nn.Module):
         # the latent, the condition-mask channel, then (optionally) the padding-mask channel
         patch_in_channels = cfg.in_channels + 1 + int(cfg.concat_padding_mask)
         self.x_embedder = PatchEmbed(cfg.patch_spatial, cfg.patch_temporal, patch_in_channels, D)
-        self.pos_embedder = VideoRopePosition3DEmb(
-            cfg.head_dim, len_h=cfg.max_img_h // cfg.patch_spatial, len_w=cfg.max_img_w // cfg.patch_spatial,
-            len_t=cfg.max_frames // cfg.patch_temporal, h_extrapolation_ratio=cfg.rope_h_extrapolation_ratio,
-            w_extrapolation_ratio=cfg.rope_w_extrapolation_ratio, t_extrapolation_ratio=cfg.rope_t_extrapolation_ratio)
+        self.pos_embedder = VideoRopePosition3DEmb(cfg)
         self.t_embedder = nn.Sequential(Timesteps(D), TimestepEmbedding(D))
         self.t_embedding_norm = RMSNorm(D)
         if cfg.use_crossattn_projection:
@@ -521,14 +509,120 @@ class DiT(nn.Module):
                 nn.Linear(cfg.crossattn_proj_in_channels, cfg.crossattn_emb_channels, bias=True), nn.GELU())
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_blocks)])
         self.final_layer = FinalLayer(cfg)
-        # bookkeeping buffers of the reference (kept so that our state dict has exactly the official keys)
-        for name in DIT_BOOKKEEPING_KEYS:
-            dtype = torch.float32 if name == "accum_train_in_hours" else torch.int64
-            self.register_buffer(name, torch.zeros((), dtype=dtype))
+        for name, value in dit_bookkeeping_buffers().items():  # the reference's, so that the keys are the official ones
+            self.register_buffer(name, value)
         self.activation_checkpointing = "none"  # "none" | "full" | "selective" (set by train.py)
         self.offload_block_inputs = False  # keep checkpointed block inputs in pinned CPU memory (CUDA only)
         self.cp_group = None  # context parallelism (enable_context_parallel)
         self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        """The reference's init: trunc-normal(+-3 std) with std = 1/sqrt(fan_in); adaLN up-projections zero."""
+        if self.x_embedder.proj[1].weight.is_meta:
+            return
+        linears = [self.x_embedder.proj[1], *self.t_embedder[1].children(), self.final_layer.linear]
+        for block in self.blocks:
+            for attn in (block.self_attn, block.cross_attn):
+                linears += [attn.q_proj, attn.k_proj, attn.v_proj, attn.output_proj]
+            linears += [block.mlp.layer1, block.mlp.layer2]
+        adalns = [m for b in self.blocks
+                  for m in (b.adaln_modulation_self_attn, b.adaln_modulation_cross_attn, b.adaln_modulation_mlp)]
+        adalns.append(self.final_layer.adaln_modulation)
+        for lin in linears + [adaln[1] for adaln in adalns]:
+            std = 1.0 / math.sqrt(lin.in_features)
+            nn.init.trunc_normal_(lin.weight, std=std, a=-3 * std, b=3 * std)
+        for adaln in adalns:
+            nn.init.zeros_(adaln[2].weight)  # every block starts as the identity, the final layer unmodulated
+
+    def forward(self, x, sigma, crossattn_emb, condition_mask=None, padding_mask=None):
+        """x [B,16,T,H,W] noisy latents; sigma [B] or [B,T] in [0,1]; crossattn_emb [B,M,100352] (or [B,M,1024]
+        without projection); condition_mask [B,1,T,H,W] (1 on conditioning frames); padding_mask [B,1,H',W'].
+        Returns the velocity prediction [B,16,T,H,W] in fp32. Under context parallelism every rank of the group
+        passes the same whole inputs and gets the whole output."""
+        x_B_C_T_H_W, sigma_B_T = self.prepare_inputs(x, sigma, condition_mask, padding_mask)  # [B,18,T,H,W], [B,1|T']
+        p, pt = self.cfg.patch_spatial, self.cfg.patch_temporal
+        T, H, W = x.shape[2] // pt, x.shape[3] // p, x.shape[4] // p  # the grid of patches, T' x H' x W'
+        rope_cos_sin = self.pos_embedder(T, H, W)  # 2 x [L,Dh] fp32, L = T'H'W' tokens, frame-major
+        if self.cp_group is not None:  # this rank's frames: [B,18,T/cp,H,W], [B,1|T'/cp], 2 x [L/cp,Dh]
+            x_B_C_T_H_W, sigma_B_T, rope_cos_sin = self.local_share(x_B_C_T_H_W, sigma_B_T, rope_cos_sin)
+        x_B_T_HW_D = self.x_embedder(x_B_C_T_H_W).flatten(2, 3)  # [B,T',H'W',D] (T'/cp under context parallelism)
+        if self.cfg.use_crossattn_projection:  # [B,M,100352] -> [B,M,1024]
+            crossattn_emb = self.crossattn_proj(crossattn_emb.to(x_B_T_HW_D.dtype))
+        crossattn_emb_B_M_D = crossattn_emb.to(x_B_T_HW_D.dtype)  # [B,M,1024]
+
+        emb_B_T_D = self.t_embedder[0](sigma_B_T)  # [B,Tt,D] fp32, Tt = 1 or T'
+        adaln_lora_B_T_3D = self.t_embedder[1](emb_B_T_D)  # [B,Tt,3D] fp32
+        t_emb_B_T_D = self.t_embedding_norm(emb_B_T_D)  # [B,Tt,D] fp32
+        x_B_T_HW_D = self.run_blocks(x_B_T_HW_D, t_emb_B_T_D, adaln_lora_B_T_3D, crossattn_emb_B_M_D,
+                                     rope_cos_sin)  # [B,T',H'W',D]
+
+        out = self.final_layer(x_B_T_HW_D, t_emb_B_T_D, adaln_lora_B_T_3D)  # [B,T',H'W',p*p*pt*16] fp32
+        out = self.unpatchify(out, H, W)  # [B,16,T,H,W] (T/cp frames under context parallelism)
+        return out if self.cp_group is None else GatherFrames.apply(out, self.cp_group)  # [B,16,T,H,W]
+
+    def prepare_inputs(self, x, sigma, condition_mask, padding_mask):
+        """Checks the shapes; returns the latents with the mask channels, in the weights' dtype, and sigma [B,1|T']."""
+        cfg = self.cfg
+        B, C, T, H, W = x.shape
+        p, pt = cfg.patch_spatial, cfg.patch_temporal
+        if C != cfg.in_channels:
+            raise ValueError(f"DiT expects {cfg.in_channels} latent channels, got x of shape {tuple(x.shape)}")
+        if H % p or W % p or T % pt:
+            raise ValueError(f"latent T,H,W = {T},{H},{W} must be divisible by the patch size (t {pt}, h/w {p})")
+        sigma_B_T = sigma.reshape(B, -1)  # [B,1] or [B,T']
+        if sigma_B_T.shape[1] not in (1, T // pt):
+            raise ValueError(f"sigma must have shape [B] or [B,T] with T={T // pt}, got {tuple(sigma.shape)}")
+        if condition_mask is None:
+            condition_mask = x.new_zeros(B, 1, T, H, W)
+        inputs = [x, condition_mask.to(x.dtype)]
+        if cfg.concat_padding_mask:
+            if padding_mask is None:
+                padding_mask = x.new_zeros(B, 1, H, W)
+            padding_mask = F.interpolate(padding_mask.to(x.dtype), size=(H, W), mode="nearest")  # [B,1,H,W]
+            inputs.append(padding_mask[:, :, None].expand(B, 1, T, H, W))
+        return torch.cat(inputs, dim=1).to(self.x_embedder.proj[1].weight.dtype), sigma_B_T  # [B,18,T,H,W]
+
+    def local_share(self, x_B_C_T_H_W, sigma_B_T, rope_cos_sin):
+        """Context parallelism: this rank's frames of the input, of the RoPE rows and of per-frame sigmas."""
+        cp, T = dist.get_world_size(self.cp_group), x_B_C_T_H_W.shape[2] // self.cfg.patch_temporal
+        if T % cp:
+            raise ValueError(f"context parallelism splits the {T} latent frames (T' = T / patch_temporal) "
+                             f"over {cp} ranks: T' must be a multiple of {cp}")
+        x_B_C_T_H_W = local_frames(x_B_C_T_H_W, 2, self.cp_group)  # [B,18,T/cp,H,W]
+        rope_cos_sin = [local_frames(t, 0, self.cp_group) for t in rope_cos_sin]  # 2 x [L/cp,Dh]
+        if sigma_B_T.shape[1] > 1:
+            sigma_B_T = local_frames(sigma_B_T, 1, self.cp_group)  # [B,T/cp]
+        return x_B_C_T_H_W, sigma_B_T, rope_cos_sin
+
+    def run_blocks(self, x_B_T_HW_D, *block_args):
+        """The blocks in order, under activation checkpointing when training with it: each block keeps only its input
+        (in pinned host memory with offload_block_inputs) and, when selective, its attention outputs."""
+        check_offload(self.activation_checkpointing, self.offload_block_inputs, x_B_T_HW_D.device)
+        if self.activation_checkpointing == "none" or not torch.is_grad_enabled():
+            for block in self.blocks:
+                x_B_T_HW_D = block(x_B_T_HW_D, *block_args)
+            return x_B_T_HW_D
+        selective = {"context_fn": keep_attention_context} if self.activation_checkpointing == "selective" else {}
+        offload = BlockInputOffload(offload_stream(x_B_T_HW_D.device)) if self.offload_block_inputs else None
+        with offload.hooks() if offload else contextlib.nullcontext():
+            try:
+                for block in self.blocks:
+                    if offload:
+                        offload.block_input = x_B_T_HW_D
+                    x_B_T_HW_D = checkpoint(block, x_B_T_HW_D, *block_args, use_reentrant=False, **selective)
+            finally:  # the hooks live on in the graph: they must not hold an input (that would be a reference cycle)
+                if offload:
+                    offload.block_input = None
+        return x_B_T_HW_D
+
+    def unpatchify(self, out_B_T_HW_F, H, W):
+        """[B,T',H'W',p*p*pt*C] -> [B,C,T'pt,H'p,W'p]; the feature axis is ordered (p_h, p_w, p_t, C), C fastest."""
+        p, pt, C = self.cfg.patch_spatial, self.cfg.patch_temporal, self.cfg.out_channels
+        B, T = out_B_T_HW_F.shape[:2]
+        out = out_B_T_HW_F.reshape(B, T, H, W, p, p, pt, C)  # [B,T',H',W',p,p,pt,C]
+        out = out.permute(0, 7, 1, 6, 2, 4, 3, 5)  # [B,C,T',pt,H',p,W',p]
+        return out.reshape(B, C, T * pt, H * p, W * p)  # [B,C,T,H,W]
 
     def enable_context_parallel(self, group):
         """Spread every video over the ranks of the process group `group` (None: back to one rank). The ranks must
@@ -544,114 +638,6 @@ class DiT(nn.Module):
         for block in self.blocks:
             block.self_attn.cp_group = group
 
-    @torch.no_grad()
-    def initialize_weights(self):
-        """The reference's init: trunc-normal(+-3 std) with std = 1/sqrt(fan_in); adaLN up-projections zero."""
-        if self.x_embedder.proj[1].weight.is_meta:
-            return
-
-        def trunc_normal(w, fan_in):
-            std = 1.0 / math.sqrt(fan_in)
-            nn.init.trunc_normal_(w, std=std, a=-3 * std, b=3 * std)
-
-        for module in [self.x_embedder.proj[1], *self.t_embedder[1].children(), self.final_layer.linear]:
-            trunc_normal(module.weight, module.in_features)
-        for block in self.blocks:
-            for attn in (block.self_attn, block.cross_attn):
-                for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.output_proj):
-                    trunc_normal(lin.weight, lin.in_features)
-            trunc_normal(block.mlp.layer1.weight, block.mlp.layer1.in_features)
-            trunc_normal(block.mlp.layer2.weight, block.mlp.layer2.in_features)
-        for block in self.blocks:
-            for adaln in (block.adaln_modulation_self_attn, block.adaln_modulation_cross_attn, block.adaln_modulation_mlp):
-                trunc_normal(adaln[1].weight, adaln[1].in_features)
-                nn.init.zeros_(adaln[2].weight)  # every block starts as the identity
-        trunc_normal(self.final_layer.adaln_modulation[1].weight, self.final_layer.adaln_modulation[1].in_features)
-        nn.init.zeros_(self.final_layer.adaln_modulation[2].weight)
-
-    def forward(self, x, sigma, crossattn_emb, condition_mask=None, padding_mask=None):
-        """x [B,16,T,H,W] noisy latents; sigma [B] or [B,T] in [0,1]; crossattn_emb [B,M,100352] (or [B,M,1024]
-        without projection); condition_mask [B,1,T,H,W] (1 on conditioning frames); padding_mask [B,1,H',W'].
-        Returns the velocity prediction [B,16,T,H,W] in fp32. Under context parallelism every rank of the group
-        passes the same whole inputs and gets the whole output."""
-        cfg = self.cfg
-        B, C, T, H, W = x.shape
-        p, pt = cfg.patch_spatial, cfg.patch_temporal
-        if C != cfg.in_channels:
-            raise ValueError(f"DiT expects {cfg.in_channels} latent channels, got x of shape {tuple(x.shape)}")
-        if H % p or W % p or T % pt:
-            raise ValueError(f"latent T,H,W = {T},{H},{W} must be divisible by the patch size (t {pt}, h/w {p})")
-        dtype = self.x_embedder.proj[1].weight.dtype
-        if condition_mask is None:
-            condition_mask = x.new_zeros(B, 1, T, H, W)
-        inputs = [x, condition_mask.to(x.dtype)]
-        if cfg.concat_padding_mask:
-            if padding_mask is None:
-                padding_mask = x.new_zeros(B, 1, H, W)
-            padding_mask = F.interpolate(padding_mask.to(x.dtype), size=(H, W), mode="nearest")  # [B,1,H,W]
-            inputs.append(padding_mask[:, :, None].expand(B, 1, T, H, W))
-        x_B_C_T_H_W = torch.cat(inputs, dim=1).to(dtype)  # [B,18,T,H,W]
-        rope_cos_sin = self.pos_embedder(T // pt, H // p, W // p)  # 2 x [L,Dh] fp32, L = T'H'W', frame-major
-        sigma_B_T = sigma.reshape(B, -1)  # [B,1] or [B,T]
-        if sigma_B_T.shape[1] not in (1, T // pt):
-            raise ValueError(f"sigma must have shape [B] or [B,T] with T={T // pt}, got {tuple(sigma.shape)}")
-        if self.cp_group is not None:  # keep this rank's frames: of the input, the RoPE rows and per-frame sigmas
-            cp = dist.get_world_size(self.cp_group)
-            if (T // pt) % cp:
-                raise ValueError(f"context parallelism splits the {T // pt} latent frames (T' = T / patch_temporal) "
-                                 f"over {cp} ranks: T' must be a multiple of {cp}")
-            x_B_C_T_H_W = local_frames(x_B_C_T_H_W, 2, self.cp_group)  # [B,18,T/cp,H,W]
-            rope_cos_sin = [local_frames(t, 0, self.cp_group) for t in rope_cos_sin]  # 2 x [L/cp,Dh]
-            if sigma_B_T.shape[1] > 1:
-                sigma_B_T = local_frames(sigma_B_T, 1, self.cp_group)  # [B,T/cp]
-
-        x_B_T_H_W_D = self.x_embedder(x_B_C_T_H_W)  # [B,T',H',W',D] (T' local under context parallelism)
-        _, Tp, Hp, Wp, D = x_B_T_H_W_D.shape
-        x_B_T_HW_D = x_B_T_H_W_D.reshape(B, Tp, Hp * Wp, D)
-
-        if cfg.use_crossattn_projection:
-            crossattn_emb = self.crossattn_proj(crossattn_emb.to(dtype))  # [B,M,1024]
-        crossattn_emb = crossattn_emb.to(dtype)
-
-        emb_B_T_D = self.t_embedder[0](sigma_B_T)  # [B,Tt,D] fp32
-        adaln_lora_B_T_3D = self.t_embedder[1](emb_B_T_D)  # [B,Tt,3D] fp32
-        t_emb_B_T_D = self.t_embedding_norm(emb_B_T_D)  # [B,Tt,D] fp32
-
-        checkpointing = self.activation_checkpointing != "none" and torch.is_grad_enabled()
-        if self.offload_block_inputs and self.activation_checkpointing == "none":
-            raise ValueError("offload_block_inputs moves the block inputs that activation checkpointing keeps: set "
-                             "activation_checkpointing to 'full' or 'selective' (got 'none')")
-        if self.offload_block_inputs and not x.is_cuda:
-            raise ValueError(f"offload_block_inputs copies block inputs between the GPU and pinned host memory: it "
-                             f"needs CUDA tensors (got {x.device})")
-        offload = BlockInputOffload(offload_stream(x.device)) if checkpointing and self.offload_block_inputs else None
-        # keep the block input (and, when selective, the attention outputs); recompute the rest
-        selective = {"context_fn": keep_attention_context} if self.activation_checkpointing == "selective" else {}
-        with offload.hooks() if offload else contextlib.nullcontext():
-            try:
-                for block in self.blocks:
-                    args = (x_B_T_HW_D, t_emb_B_T_D, adaln_lora_B_T_3D, crossattn_emb, rope_cos_sin)
-                    if not checkpointing:
-                        x_B_T_HW_D = block(*args)
-                        continue
-                    if offload:
-                        offload.block_input = x_B_T_HW_D
-                    x_B_T_HW_D = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, **selective)
-            finally:  # the hooks live on in the graph: they must not hold an input (that would be a reference cycle)
-                if offload:
-                    offload.block_input = None
-
-        out = self.final_layer(x_B_T_HW_D, t_emb_B_T_D, adaln_lora_B_T_3D)  # [B,T',H'W',p*p*pt*C] fp32
-        # unpatchify: the feature axis is ordered (p_h, p_w, p_t, C), channel fastest
-        out = out.reshape(B, Tp, Hp, Wp, p, p, pt, cfg.out_channels)
-        out = out.permute(0, 7, 1, 6, 2, 4, 3, 5)  # [B,C,T',pt,H',p,W',p]
-        out = out.reshape(B, cfg.out_channels, Tp * pt, Hp * p, Wp * p)  # [B,16,T,H,W] (T/cp frames if parallel)
-        return out if self.cp_group is None else GatherFrames.apply(out, self.cp_group)  # [B,16,T,H,W]
-
-    # ---------------------------------------------------------------------------------------------------------
-    # Loading official checkpoints
-    # ---------------------------------------------------------------------------------------------------------
-
     @classmethod
     def from_pretrained(cls, path, cfg=None, prefix="net.", device="cpu", dtype=torch.bfloat16):
         """Build a DiT and load an official-layout checkpoint strictly. The preset is inferred from the
@@ -666,17 +652,19 @@ class DiT(nn.Module):
     def load_official_state_dict(self, state_dict, source="state dict"):
         """Strict load of official keys (without the `net.` prefix). The bookkeeping `accum_*` buffers may be
         absent (zeros), so may the RoPE buffers (computed; released files carry them bf16-rounded and then those
-        are used) and this model's LoRA adapters (a base checkpoint has none). Anything else missing, unexpected
-        or mis-shaped raises, naming the keys. Works on a meta-device model (tensors are assigned)."""
-        cfg = self.cfg
-        rope = VideoRopePosition3DEmb(
-            cfg.head_dim, len_h=cfg.max_img_h // cfg.patch_spatial, len_w=cfg.max_img_w // cfg.patch_spatial,
-            len_t=cfg.max_frames // cfg.patch_temporal, h_extrapolation_ratio=cfg.rope_h_extrapolation_ratio,
-            w_extrapolation_ratio=cfg.rope_w_extrapolation_ratio, t_extrapolation_ratio=cfg.rope_t_extrapolation_ratio)
-        defaults = {f"pos_embedder.{k}": v for k, v in rope.state_dict().items()}
-        defaults.update({k: torch.zeros((), dtype=torch.float32 if k == "accum_train_in_hours" else torch.int64)
-                         for k in DIT_BOOKKEEPING_KEYS})
-        load_strict(self, state_dict, source, defaults)
+        are used) and this model's LoRA adapters (a base checkpoint has none: they keep their values). A meta-device
+        model gets the tensors assigned (no copy)."""
+        defaults = {f"pos_embedder.{k}": v for k, v in VideoRopePosition3DEmb(self.cfg).state_dict().items()}
+        defaults |= dit_bookkeeping_buffers()
+        own = self.state_dict()
+        adapters = {k: v for k, v in own.items() if ".lora_" in k}
+        check_keys(state_dict, own, f"cannot load {source} into DiT", optional=defaults.keys() | adapters.keys())
+        kept = {k: v for k, v in adapters.items() if k not in state_dict}
+        for k, v in kept.items():
+            if v.is_meta:
+                raise KeyError(f"cannot load {source}: {k} is absent and the model, built on the meta device, "
+                               f"has no value for it (inject LoRA after loading the base weights)")
+        self.load_state_dict(defaults | kept | state_dict, strict=True, assign=any(t.is_meta for t in own.values()))
 
 
 def file_fingerprint(path):
@@ -691,24 +679,10 @@ def file_fingerprint(path):
     return h.hexdigest()[:16]
 
 
-def read_tensor_file(path, what="checkpoint"):
-    """A flat dict of tensors from a torch file (memory-mapped: no second copy in RAM) or a .safetensors file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj = load_file(path)
-        else:
-            obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{what} {path} is not a PyTorch checkpoint that torch.load(weights_only=True, mmap=True) "
-                         f"or safetensors can read: {type(e).__name__}: {e}") from None
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{what} {path}: expected a flat dict of tensors, got {type(obj).__name__}")
-    return obj
+def dit_bookkeeping_buffers():
+    """The reference's training counters, zero: part of the official keys, unused here."""
+    return {k: torch.zeros((), dtype=torch.float32 if k == "accum_train_in_hours" else torch.int64)
+            for k in DIT_BOOKKEEPING_KEYS}
 
 
 def load_checkpoint_file(path, prefix=None):
@@ -728,43 +702,12 @@ def load_checkpoint_file(path, prefix=None):
     return state_dict
 
 
-def load_strict(model, state_dict, source, defaults=None):
-    """Copy `state_dict` into `model`, failing loudly on missing, unexpected or mis-shaped keys. Keys in
-    `defaults` may be missing (their default value is used); so may LoRA adapter keys, which keep the model's
-    own values. A model on the meta device gets the tensors assigned (no copy)."""
-    defaults = defaults or {}
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict and k not in defaults and ".lora_" not in k]
-    unexpected = [k for k in state_dict if k not in own]
-    mis_shaped = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in state_dict if k in own and state_dict[k].shape != own[k].shape]
-    if missing or unexpected or mis_shaped:
-        lines = [f"cannot load {source} into {type(model).__name__}:"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)):
-            if keys:
-                shown = "\n    ".join(keys[:20]) + (f"\n    ... and {len(keys) - 20} more" if len(keys) > 20 else "")
-                lines.append(f"  {len(keys)} {title} key(s):\n    {shown}")
-        raise KeyError("\n".join(lines))
-    full = dict(state_dict)
-    for k, v in own.items():
-        if k not in full:
-            if k in defaults:
-                full[k] = defaults[k]
-            elif v.is_meta:
-                raise KeyError(f"cannot load {source}: {k} is absent and the model, built on the meta device, has "
-                               f"no value for it (inject LoRA after loading the base weights)")
-            else:
-                full[k] = v
-    model.load_state_dict(full, strict=True, assign=any(t.is_meta for t in own.values()))
-
-
 def infer_dit_config(state_dict, source="state dict"):
     """Pick the preset whose shapes match the checkpoint (2B or 14B; tiny for the demo)."""
-    for name, cfg in DIT_PRESETS.items():
-        D = cfg.model_channels
-        w = state_dict.get("x_embedder.proj.1.weight")
-        n_blocks = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
-        if w is not None and w.shape[0] == D and n_blocks == cfg.num_blocks:
+    w = state_dict.get("x_embedder.proj.1.weight")
+    n_blocks = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+    for cfg in DIT_PRESETS.values():
+        if w is not None and w.shape[0] == cfg.model_channels and n_blocks == cfg.num_blocks:
             proj = state_dict.get("crossattn_proj.0.weight")
             if proj is not None and proj.shape[1] != cfg.crossattn_proj_in_channels:
                 cfg = replace(cfg, crossattn_proj_in_channels=proj.shape[1])
@@ -774,12 +717,12 @@ def infer_dit_config(state_dict, source="state dict"):
                          f"checkpoint (sample.py --ckpt BASE --lora {source})")
     raise ValueError(f"{source}: shapes match no DiT preset ({', '.join(DIT_PRESETS)}): not a Cosmos-Predict2.5 DiT")
 
+
 # ----------------------------------------------------------------------------------------------------------------
 # 2. WanVAE
 #
 # The Wan2.1 video VAE (the Cosmos-Predict2.5 "tokenizer"): causal 3D convolutions, 4x8x8 compression, 16 latent
-# channels. Written from spec/vae_text_encoder_inference.md section 1; state-dict keys equal the released
-# `tokenizer.pth` (= Wan2.1_VAE.pth) keys with no prefix.
+# channels; state-dict keys equal the released `tokenizer.pth` (= Wan2.1_VAE.pth) keys with no prefix.
 #
 # Time is causal everywhere: every 3D conv pads only in front, so latent frame t depends on pixel frames <= 4t. That
 # lets encode and decode run in temporal chunks, each conv carrying its last two input frames over to the next chunk
@@ -912,7 +855,7 @@ class VAEAttentionBlock(nn.Module):
         self.to_qkv = nn.Conv2d(dim, dim * 3, 1)  # 1x1 convs in the checkpoint, applied here as linear layers
         self.proj = nn.Conv2d(dim, dim, 1)
 
-    def forward(self, x_B_C_T_H_W):
+    def forward(self, x_B_C_T_H_W, cache=None):  # attention is per frame: nothing to carry across chunks
         B, C, T, H, W = x_B_C_T_H_W.shape
         h_BT_L_C = self.norm(x_B_C_T_H_W).permute(0, 2, 3, 4, 1).reshape(B * T, H * W, C)  # tokens per frame
         qkv_BT_L_3C = F.linear(h_BT_L_C, self.to_qkv.weight.view(3 * C, C), self.to_qkv.bias)
@@ -996,11 +939,8 @@ class VAEEncoder(nn.Module):
 
     def forward(self, x_B_3_T_H_W, cache: VAEFeatureCache):
         x = self.conv1(x_B_3_T_H_W, cache)
-        for layer in self.downsamples:
+        for layer in (*self.downsamples, *self.middle):
             x = layer(x, cache)
-        x = self.middle[0](x, cache)
-        x = self.middle[1](x)
-        x = self.middle[2](x, cache)
         return self.head["2"](x, cache, norm=self.head["0"])
 
 
@@ -1028,10 +968,7 @@ class VAEDecoder(nn.Module):
 
     def forward(self, z_B_C_t_h_w, cache: VAEFeatureCache):
         x = self.conv1(z_B_C_t_h_w, cache)
-        x = self.middle[0](x, cache)
-        x = self.middle[1](x)
-        x = self.middle[2](x, cache)
-        for layer in self.upsamples:
+        for layer in (*self.middle, *self.upsamples):
             x = layer(x, cache)
         return self.head["2"](x, cache, norm=self.head["0"])
 
@@ -1076,9 +1013,8 @@ class WanVAE(nn.Module):
     def encode(self, video_B_3_T_H_W, temporal_window=4):
         """video [B,3,T,H,W] in [-1,1], T = 1 + 4k -> normalised latents [B,16,1+k,H/8,W/8] in the weights' dtype.
         Frame 0 is encoded alone, then windows of `temporal_window` frames (a multiple of 4) and a shorter last
-        window; memory depends on the window, not on T. The causal cache makes every window give the same latents as
-        one pass over all frames (tests/test_vae.py), so the window only trades memory for speed: Cosmos's configs
-        set 16, which at 93x704x1280 needs 2.4x the memory of Wan's 4 for 6% less time (BENCHMARKS.md)."""
+        window; memory depends on the window, not on T. The causal cache makes every window give the same latents,
+        so the window only trades memory for speed (Cosmos's configs set 16, Wan 4: BENCHMARKS.md)."""
         cfg, (B, C, T, H, W) = self.cfg, video_B_3_T_H_W.shape
         tf, sf = cfg.temporal_factor, cfg.spatial_factor
         if C != 3 or (T - 1) % tf or H % sf or W % sf:
@@ -1153,16 +1089,8 @@ class WanVAE(nn.Module):
         cfg = cfg or wan_vae_config(state_dict, path)
         with torch.device("meta"):
             model = cls(cfg)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        missing = sorted(expected.keys() - state_dict.keys())
-        unexpected = sorted(state_dict.keys() - expected.keys())
-        mis_shaped = [f"{k}: file {tuple(state_dict[k].shape)}, expected {expected[k]}"
-                      for k in sorted(expected.keys() & state_dict.keys()) if tuple(state_dict[k].shape) != expected[k]]
-        if missing or unexpected or mis_shaped:
-            raise ValueError(f"Wan VAE checkpoint {path} does not match the Wan2.1 VAE ({len(expected)} tensors):\n"
-                             f"  missing keys ({len(missing)}): {missing}\n"
-                             f"  unexpected keys ({len(unexpected)}): {unexpected}\n"
-                             f"  mis-shaped ({len(mis_shaped)}): {mis_shaped}")
+        check_keys(state_dict, model.state_dict(), f"Wan VAE checkpoint {path} does not match the Wan2.1 VAE",
+                   ValueError)
         model.load_state_dict(state_dict, strict=True, assign=True)
         return model.to(device=device, dtype=dtype).eval()
 
@@ -1188,92 +1116,15 @@ def wan_vae_config(state_dict, source):
     return cfg
 
 
-# Key maps between the official layout (tokenizer.pth, ours) and diffusers' AutoencoderKLWan. The encoder's flat
-# `downsamples` list has the same indices as diffusers' `down_blocks`; the decoder's flat `upsamples` list is
-# split into stages there: each stage has num_res_blocks + 1 res-blocks, then (except the last) one upsampler.
-_VAE_RES_BLOCK_NAMES = (("residual.0.", "norm1."), ("residual.2.", "conv1."), ("residual.3.", "norm2."),
-                        ("residual.6.", "conv2."), ("shortcut.", "conv_shortcut."))
-_VAE_RESAMPLE_NAMES = (("resample.1.", "resample.1."), ("time_conv.", "time_conv."))
-_VAE_FIXED_NAMES = (("conv1.", "conv_in."), ("head.0.", "norm_out."), ("head.2.", "conv_out."),
-                    ("middle.1.", "mid_block.attentions.0."))
-
-
-def _vae_rename(name, pairs, key, reverse=False):
-    for official, diffusers in pairs:
-        src, dst = (diffusers, official) if reverse else (official, diffusers)
-        if name.startswith(src):
-            return dst + name[len(src):]
-    raise KeyError(f"not a Wan VAE {'diffusers' if reverse else 'official'} key: {key}")
-
-
-def _vae_official_key_to_diffusers(key, num_res_blocks):
-    if key.startswith(("conv1.", "conv2.")):
-        return {"conv1": "quant_conv", "conv2": "post_quant_conv"}[key[:5]] + key[5:]
-    side, _, rest = key.partition(".")
-    if side not in ("encoder", "decoder"):
-        raise KeyError(f"not a Wan VAE official key: {key}")
-    if m := re.fullmatch(r"downsamples\.(\d+)\.(.*)", rest):
-        rest = f"down_blocks.{m[1]}." + _vae_rename(m[2], _VAE_RES_BLOCK_NAMES + _VAE_RESAMPLE_NAMES, key)
-    elif m := re.fullmatch(r"upsamples\.(\d+)\.(.*)", rest):
-        stage, j = divmod(int(m[1]), num_res_blocks + 2)
-        rest = (f"up_blocks.{stage}.upsamplers.0." + _vae_rename(m[2], _VAE_RESAMPLE_NAMES, key)
-                if j == num_res_blocks + 1 else
-                f"up_blocks.{stage}.resnets.{j}." + _vae_rename(m[2], _VAE_RES_BLOCK_NAMES, key))
-    elif m := re.fullmatch(r"middle\.([02])\.(.*)", rest):
-        rest = f"mid_block.resnets.{int(m[1]) // 2}." + _vae_rename(m[2], _VAE_RES_BLOCK_NAMES, key)
-    else:
-        rest = _vae_rename(rest, _VAE_FIXED_NAMES, key)
-    return f"{side}.{rest}"
-
-
-def _vae_diffusers_key_to_official(key, num_res_blocks):
-    if key.startswith(("quant_conv.", "post_quant_conv.")):
-        return ("conv1" if key.startswith("quant_conv.") else "conv2") + key[key.index("."):]
-    side, _, rest = key.partition(".")
-    if side not in ("encoder", "decoder"):
-        raise KeyError(f"not a Wan VAE diffusers key: {key}")
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.(.*)", rest):
-        rest = f"downsamples.{m[1]}." + _vae_rename(m[2], _VAE_RES_BLOCK_NAMES + _VAE_RESAMPLE_NAMES, key, True)
-    elif m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.(.*)", rest):
-        index = int(m[1]) * (num_res_blocks + 2) + num_res_blocks + 1
-        rest = f"upsamples.{index}." + _vae_rename(m[2], _VAE_RESAMPLE_NAMES, key, True)
-    elif m := re.fullmatch(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", rest):
-        index = int(m[1]) * (num_res_blocks + 2) + int(m[2])
-        rest = f"upsamples.{index}." + _vae_rename(m[3], _VAE_RES_BLOCK_NAMES, key, True)
-    elif m := re.fullmatch(r"mid_block\.resnets\.([01])\.(.*)", rest):
-        rest = f"middle.{2 * int(m[1])}." + _vae_rename(m[2], _VAE_RES_BLOCK_NAMES, key, True)
-    else:
-        rest = _vae_rename(rest, _VAE_FIXED_NAMES, key, True)
-    return f"{side}.{rest}"
-
-
-def wan_vae_official_to_diffusers(state_dict, cfg: WanVAEConfig | None = None):
-    """tokenizer.pth / WanVAE state dict -> diffusers AutoencoderKLWan state dict (same tensors, renamed)."""
-    num_res_blocks = (cfg or WanVAEConfig()).num_res_blocks
-    return {_vae_official_key_to_diffusers(k, num_res_blocks): v for k, v in state_dict.items()}
-
-
-def wan_vae_diffusers_to_official(state_dict, cfg: WanVAEConfig | None = None):
-    """diffusers AutoencoderKLWan state dict -> tokenizer.pth / WanVAE state dict (same tensors, renamed)."""
-    num_res_blocks = (cfg or WanVAEConfig()).num_res_blocks
-    return {_vae_diffusers_key_to_official(k, num_res_blocks): v for k, v in state_dict.items()}
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # 3. TextEncoder
 #
-# Text encoder: the language model of Cosmos-Reason1-7B (a Qwen2.5-VL-7B fine-tune), text path only.
-#
-# A caption becomes a chat (fixed system prompt, caption as the user turn), 512 token ids (right-padded with the
-# tokenizer's pad id, or truncated with a warning), and a pass through the 28 decoder layers without attention mask.
-# The output of every layer (the last one after the final RMSNorm) is standardised per token and the 28 results are
-# concatenated: [B, 512, 28 * 3584 = 100352], the DiT's cross-attention input before its `crossattn_proj`.
-#
-# Memory: the 7B language model has 7.07 B parameters (no vision tower, no LM head), 13.2 GiB of weights in bf16;
-# with activations and the [B,512,100352] output (103 MB per caption) a GPU needs about 15 GiB at batch 8.
-# `prep_data.py cache` runs it once per unique caption (and once for the negative prompt) and stores the embeddings,
-# so training never holds the encoder. Loading streams the safetensors shards one tensor at a time into the
-# (uninitialised) model, so host RAM holds at most one tensor beyond the model itself.
+# The language model of Cosmos-Reason1-7B (a Qwen2.5-VL-7B fine-tune), text path only. A caption becomes a chat
+# (fixed system prompt, caption as the user turn), 512 token ids (right-padded with the tokenizer's pad id, or
+# truncated with a warning), and a pass through the 28 decoder layers without attention mask. The output of every
+# layer (the last one after the final RMSNorm) is standardised per token and the 28 results are concatenated:
+# [B, 512, 28 * 3584 = 100352], the DiT's cross-attention input before its `crossattn_proj`. `prep_data.py cache`
+# runs it once per unique caption, so training never holds the encoder.
 # ----------------------------------------------------------------------------------------------------------------
 SYSTEM_PROMPT = "You are a helpful assistant who will provide prompts to an image generator."
 QWEN2_MODEL_TYPES = ("qwen2", "qwen2_vl", "qwen2_5_vl", "qwen2_vl_text", "qwen2_5_vl_text")
@@ -1329,16 +1180,10 @@ class TextEncoderConfig:
             raise ValueError(f"{path}: hidden_act {field('hidden_act')!r} not supported, expected 'silu'")
         if field("use_sliding_window", default=False):
             raise ValueError(f"{path}: use_sliding_window=true is not supported")
-        return cls(
-            vocab_size=field("vocab_size"),
-            hidden_size=field("hidden_size"),
-            intermediate_size=field("intermediate_size"),
-            num_layers=field("num_hidden_layers"),
-            num_heads=field("num_attention_heads"),
-            num_kv_heads=field("num_key_value_heads"),
-            rms_norm_eps=field("rms_norm_eps"),
-            rope_theta=rope.get("rope_theta") or field("rope_theta"),
-        )
+        return cls(vocab_size=field("vocab_size"), hidden_size=field("hidden_size"),
+                   intermediate_size=field("intermediate_size"), num_layers=field("num_hidden_layers"),
+                   num_heads=field("num_attention_heads"), num_kv_heads=field("num_key_value_heads"),
+                   rms_norm_eps=field("rms_norm_eps"), rope_theta=rope.get("rope_theta") or field("rope_theta"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1528,12 +1373,10 @@ def load_qwen_weights(model: TextEncoder, folder: Path):
     if index_path.is_file() and single_path.is_file():
         raise ValueError(f"{folder}: both {index_path.name} and {single_path.name} exist, remove one")
     if index_path.is_file():
-        key_to_file = json.loads(index_path.read_text())["weight_map"]
-        source = index_path
+        source, key_to_file = index_path, json.loads(index_path.read_text())["weight_map"]
     elif single_path.is_file():
         with safe_open(single_path, framework="pt") as f:
-            key_to_file = {k: single_path.name for k in f.keys()}
-        source = single_path
+            source, key_to_file = single_path, dict.fromkeys(f.keys(), single_path.name)
     else:
         raise FileNotFoundError(f"{folder}: no model.safetensors.index.json or model.safetensors")
 
@@ -1543,14 +1386,9 @@ def load_qwen_weights(model: TextEncoder, folder: Path):
                        f"{[p + 'embed_tokens.weight' for p in QWEN_LM_PREFIXES]}, found {prefixes}")
     prefix = prefixes[0]
     params = model.state_dict()
-    expected = {prefix + name for name in params}
-    found = {k for k in key_to_file if k.startswith(tuple(prefix + s for s in QWEN_LM_SUBMODULES))}
-    if expected - found:
-        raise KeyError(f"{source}: {len(expected - found)} language-model tensors missing, "
-                       f"e.g. {sorted(expected - found)[:5]}")
-    if found - expected:
-        raise KeyError(f"{source}: unexpected language-model tensors for a {model.cfg.num_layers}-layer config, "
-                       f"e.g. {sorted(found - expected)[:5]}")
+    expected = {prefix + name: p for name, p in params.items()}
+    found = dict.fromkeys(k for k in key_to_file if k.startswith(tuple(prefix + s for s in QWEN_LM_SUBMODULES)))
+    check_keys(found, expected, f"{source}: language-model tensors for a {model.cfg.num_layers}-layer config")
 
     by_file: dict[str, list[str]] = {}
     for key in sorted(expected):
@@ -1571,3 +1409,47 @@ def load_qwen_weights(model: TextEncoder, folder: Path):
                                      f"expected {list(param.shape)}")
                 with torch.no_grad():
                     param.copy_(tensor)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Checkpoint files and the strict key check
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_tensor_file(path, what="checkpoint"):
+    """A flat dict of tensors from a torch file (memory-mapped: no second copy in RAM) or a .safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            obj = load_file(path)
+        else:
+            obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{what} {path} is not a PyTorch checkpoint that torch.load(weights_only=True, mmap=True) "
+                         f"or safetensors can read: {type(e).__name__}: {e}") from None
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{what} {path}: expected a flat dict of tensors, got {type(obj).__name__}")
+    return obj
+
+
+def check_keys(found, expected, source, error=KeyError, optional=()):
+    """The strict key check of every loader: raises `error`, starting with `source`, naming the missing, unexpected
+    and mis-shaped keys of `found` against `expected`. Both map keys to tensors or shapes; a found value of None (a
+    shape not read yet) is not compared. Keys in `optional` may be missing."""
+    problems = {
+        "missing": [k for k in expected if k not in found and k not in optional],
+        "unexpected": [k for k in found if k not in expected],
+        "mis-shaped": [f"{k}: file {_shape(found[k])}, expected {_shape(expected[k])}" for k in found
+                       if k in expected and found[k] is not None and _shape(found[k]) != _shape(expected[k])],
+    }
+    report = [f"{title} keys ({len(keys)}): {keys[:20]}" + (f" and {len(keys) - 20} more" if len(keys) > 20 else "")
+              for title, keys in problems.items() if keys]
+    if report:
+        raise error(f"{source}: " + "; ".join(report))
+
+
+def _shape(v):
+    """A tensor's shape, or a shape, as a tuple."""
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v)

@@ -51,10 +51,10 @@ def tl_kernels(q, k, v, do=None):
     backward after it."""
     B, Sq, H, D = q.shape
     out, lse = torch.empty_like(q), torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
-    attention._launch_fwd_tl(q, k, v, D ** -0.5, out, lse)
+    attention._launch_fwd(q, k, v, D ** -0.5, out, lse, hopper=False)
     if do is not None:
         grads = [torch.empty_like(t) for t in (q, k, v)]
-        attention._launch_bwd_tl(do, q, k, v, out, lse, torch.zeros_like(lse), D ** -0.5, *grads)
+        attention._launch_bwd(do, q, k, v, out, lse, torch.zeros_like(lse), D ** -0.5, *grads, hopper=False)
     return out
 
 

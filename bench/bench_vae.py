@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 from oracles import bind_oracles  # noqa: E402  (the peer and our code each get their own `kernels`)
 
 bind_oracles()
-from model import WAN_LATENT_MEAN, WAN_LATENT_STD, WanVAE, wan_vae_official_to_diffusers  # noqa: E402
+from model import WAN_LATENT_MEAN, WAN_LATENT_STD, WanVAE  # noqa: E402
+from vae_keys import wan_vae_official_to_diffusers  # noqa: E402
 
 
 def measure(fn, reps, warmup):

@@ -134,7 +134,7 @@ def check_lora_module(M, K, N):
         for adapter, (_, _, multiplier) in adapters.items():
             set_adapter_scale(lin, adapter, multiplier if adapter in active else 0.0)
         if len(active) == 1:
-            rows.append((f"{name}: the fused kernel does not serve", float(not lin._fused_kernel_serves(x, active[0])),
+            rows.append((f"{name}: the fused kernel does not serve", float(not lin.fused_kernel_serves(x, active[0])),
                          0.0, False))
         with torch.no_grad():
             y = lin(x)
@@ -155,7 +155,7 @@ def check_forward_kernels_agree(B, S, Sk, H):
     attention_hopper.launch_fwd(q, k, v, 128 ** -0.5, out, lse)
     rows.append((f"{name}: NaN-poisoned elements left", float(out.isnan().sum() + lse.isnan().sum()), 0.0, False))
     out_tl, lse_tl = torch.empty_like(q), torch.empty_like(lse)
-    attention._launch_fwd_tl(q, k, v, 128 ** -0.5, out_tl, lse_tl)
+    attention._launch_fwd(q, k, v, 128 ** -0.5, out_tl, lse_tl, hopper=False)
     record(f"{name}, out", out, out_tl, 2e-3)
     record(f"{name}, lse", lse, lse_tl, 1e-6)
 
@@ -172,7 +172,7 @@ def check_backward_kernels_agree(B, Sq, Sk, H):
     attention_hopper.launch_bwd(do, q, k, v, out, lse, dlse, 128 ** -0.5, *grads)
     rows.append((f"{name}: NaN-poisoned elements left", float(sum(g.isnan().sum() for g in grads)), 0.0, False))
     grads_tl = [torch.empty_like(t) for t in (q, k, v)]
-    attention._launch_bwd_tl(do, q, k, v, out, lse, dlse, 128 ** -0.5, *grads_tl)
+    attention._launch_bwd(do, q, k, v, out, lse, dlse, 128 ** -0.5, *grads_tl, hopper=False)
     for what, got, want in zip(("dq", "dk", "dv"), grads, grads_tl):
         record(f"{name}, {what}", got, want, 5e-3)
 

@@ -8,16 +8,14 @@ q, k, v, out, lse, so a selective-checkpoint policy that keeps `out` and `lse` (
 `cosmos_kernels::flash_attn_fwd`) makes the backward skip re-running the forward.
 
 Kernels:
-  forward   one program per (query block, batch*head); K/V blocks streamed through TMA; softmax in base 2. On Hopper
-            (sm_90) with >= 1024 keys, the forward is kernels/attention_hopper.py instead (Gluon, warp-specialised,
-            faster than cuDNN).
+  forward   one program per (query block, batch*head); K/V blocks streamed through TMA; softmax in base 2.
   dQ        one program per (query block, batch*head); also writes delta = rowsum(dO * O) - dlse for the dK/dV
             kernel.
   dK/dV     one program per (key block, batch*head, split); streams query blocks. When there are too few key blocks
             to fill the GPU (cross-attention onto 512 text tokens), the query range is split and fp32 partials summed.
 These two backward kernels use no atomics (deterministic) but compute S and dP twice (7 matrix products where one
-pass needs 5). On Hopper, for D=128 and >= 1024 keys, the backward is kernels/attention_hopper.py's one-pass kernel
-instead (faster than cuDNN), whose dQ is summed with fp32 atomic adds: not bit-for-bit repeatable.
+pass needs 5). On Hopper (sm_90), for long enough key sequences, kernels/attention_hopper.py's warp-specialised Gluon
+kernels run instead (the backward only for D=128; its dQ is summed with fp32 atomic adds: not bit-for-bit repeatable).
 
 Loads go through TMA descriptors that view a [B, S, H, D] tensor as the 2-D matrix [B*S, H*D]: the tile of batch b,
 head h, rows s..s+BLOCK is at (b*S + s, h*D). A tile that runs past S reads rows of the next batch (or zeros past
@@ -25,6 +23,7 @@ the end); those rows are masked out of every softmax. Stores go through [B, S, H
 clipped at their own batch's S (the Hopper backward's dQ reduce-adds are not: there, rows past S add exact zeros).
 """
 
+import functools
 import math
 import os
 
@@ -260,8 +259,7 @@ def _desc(t):
 
 
 def _check_output_layout(t):
-    B, S, H, D = t.shape
-    if t.stride(3) != 1 or t.stride(2) != D or (t.stride(1) * t.element_size()) % 16 or t.data_ptr() % 16:
+    if not _packed(t, batches=False):
         raise ValueError(f"output buffer must be [B, S, H, D] with heads packed and 16-byte rows, got strides "
                          f"{t.stride()}")
 
@@ -273,10 +271,11 @@ def _desc_store(t):
     return TensorDescriptor(t, [B, S, H * D], [t.stride(0), t.stride(1), 1], [1, 16, D])
 
 
-def _packed(t):
-    """Whether `t` [B, S, H, D] can be read as the matrix [B*S, H*D] by TMA (heads packed, 16-byte rows)."""
+def _packed(t, batches=True):
+    """Whether TMA can read `t` [B, S, H, D] as the matrix [B*S, H*D] (heads packed, 16-byte rows), or with
+    batches=False as the batches [S, H*D] (the batches need not follow each other)."""
     B, S, H, D = t.shape
-    return (t.stride(3) == 1 and t.stride(2) == D and (B == 1 or t.stride(0) == S * t.stride(1))
+    return (t.stride(3) == 1 and t.stride(2) == D and (B == 1 or not batches or t.stride(0) == S * t.stride(1))
             and (t.stride(1) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
 
 
@@ -302,24 +301,24 @@ def _check_inputs(q, k, v):
                              f"(S*s, s, D, 1) with 16-byte aligned rows; got strides {t.stride()}")
 
 
-def _launch_fwd(q, k, v, scale, out, lse):
-    """Forward into preallocated out [B, Sq, H, D] (heads packed) and lse fp32 [B, H, Sq] (contiguous). On Hopper, for
-    1024 keys or more, the warp-specialised Gluon kernel (kernels/attention_hopper.py) runs it; otherwise, and under
-    the interpreter, the kernel above."""
-    if not _INTERPRET and attention_hopper.serves(q, k):
+def _launch_fwd(q, k, v, scale, out, lse, hopper=None):
+    """Forward into preallocated out [B, Sq, H, D] (heads packed) and lse fp32 [B, H, Sq] (contiguous): the Gluon
+    kernel of kernels/attention_hopper.py where it serves (hopper=None), else the `tl` kernel above (hopper=False:
+    benchmarks compare the two on Hopper)."""
+    if hopper is None:
+        hopper = not _INTERPRET and attention_hopper.serves(q, k)
+    if hopper:
         _check_output_layout(out)
-        attention_hopper.launch_fwd(q, k, v, scale, out, lse)
-    else:
-        _launch_fwd_tl(q, k, v, scale, out, lse)
-
-
-def _launch_fwd_tl(q, k, v, scale, out, lse):
-    """The `tl` forward kernel above, on any GPU or under the interpreter (benchmarks compare it on Hopper)."""
+        return attention_hopper.launch_fwd(q, k, v, scale, out, lse)
     B, Sq, H, D = q.shape
-    Sk = k.shape[1]
     args = dict(desc_q=_desc(q), desc_k=_desc(k), desc_v=_desc(v), desc_out=_desc_store(out), LSE=lse,
-                qk_scale=scale * _LOG2E, Sq=Sq, Sk=Sk, H=H, HEAD_DIM=D)
+                qk_scale=scale * _LOG2E, Sq=Sq, Sk=k.shape[1], H=H, HEAD_DIM=D)
     _launch(_attn_fwd_kernel, _attn_fwd_tuned, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * H), args)
+
+
+@functools.cache
+def _num_sms(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _dkdv_splits(Sq, Sk, B, H, device):
@@ -327,25 +326,21 @@ def _dkdv_splits(Sq, Sk, B, H, device):
     if _INTERPRET:  # small enough that the tiny test shapes exercise the split path
         target, block = 8, _INTERPRET_META["BLOCK_M"]
     else:
-        target, block = 2 * torch.cuda.get_device_properties(device).multi_processor_count, 128
+        target, block = 2 * _num_sms(device), 128
     programs = triton.cdiv(Sk, block) * B * H
     return max(1, min(triton.cdiv(target, programs), triton.cdiv(Sq, block)))
 
 
-def _launch_bwd(do, q, k, v, out, lse, dlse, scale, dq, dk, dv):
+def _launch_bwd(do, q, k, v, out, lse, dlse, scale, dq, dk, dv, hopper=None):
     """Backward into preallocated dq, dk, dv (shapes of q, k, v; heads packed); lse and dlse contiguous fp32
-    [B, H, Sq]. On Hopper, for head dim 128 and 1024 keys or more, the warp-specialised Gluon kernel
-    (kernels/attention_hopper.py) runs it; otherwise, and under the interpreter, the two kernels above."""
-    if not _INTERPRET and attention_hopper.serves_bwd(q, k):
+    [B, H, Sq]: the Gluon kernel of kernels/attention_hopper.py where it serves (hopper=None), else the two `tl`
+    kernels above (hopper=False: benchmarks compare them on Hopper)."""
+    if hopper is None:
+        hopper = not _INTERPRET and attention_hopper.serves_bwd(q, k)
+    if hopper:
         for t in (dq, dk, dv):
             _check_output_layout(t)
-        attention_hopper.launch_bwd(do, q, k, v, out, lse, dlse, scale, dq, dk, dv)
-    else:
-        _launch_bwd_tl(do, q, k, v, out, lse, dlse, scale, dq, dk, dv)
-
-
-def _launch_bwd_tl(do, q, k, v, out, lse, dlse, scale, dq, dk, dv):
-    """The `tl` backward kernels above, on any GPU or under the interpreter (benchmarks compare them on Hopper)."""
+        return attention_hopper.launch_bwd(do, q, k, v, out, lse, dlse, scale, dq, dk, dv)
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     delta = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)

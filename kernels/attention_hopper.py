@@ -55,7 +55,7 @@ _tma_reduce_add = getattr(tma, "async_atomic_add", None) or _tma_reduce_add_36
 
 BLOCK_M = 64  # query rows a consumer warpgroup (the wgmma M is 64 per warpgroup)
 BLOCK_N = 128  # keys a block
-STAGES = 2  # K/V ring depth (3 measured the same: 656 vs 660 TFLOP/s)
+STAGES = 2  # K/V ring depth (3 measured no faster)
 CONSUMER_REGS, LOADER_REGS = 232, 40  # registers a thread for the worker partitions (setmaxnreg)
 
 
@@ -139,7 +139,7 @@ def _consumer(c: gl.constexpr, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, 
     out = acc / gl.convert_layout(l_i, row_o)[:, None]
     rows_o = first_row + gl.arange(0, BLOCK_M, layout=row_o)
     cols_o = (bh % H) * HEAD_DIM + gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    # 64-bit offsets: an output of over 2^31 elements (e.g. 5 x 84,480 tokens x 40 heads x 128) wraps 32-bit ones
+    # 64-bit offsets: an output of over 2^31 elements (a batch of long 14B sequences) wraps 32-bit ones
     offs = b.to(gl.int64) * out_stride_b + rows_o.to(gl.int64)[:, None] * out_stride_s + cols_o[None, :]
     gl.store(out_ptr + offs, out.to(dtype), mask=(rows_o < Sq)[:, None])
 
@@ -182,9 +182,8 @@ def _attn_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, out_stride_b, out
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
-# Below this many keys the `tl` kernel is faster: each program's fixed costs (partitions, barriers, Q load, masked
-# stores) are spread over too few key blocks. Measured on an H100, 84,480 queries: 512 keys 327 vs 374 TFLOP/s (tl),
-# 1024 keys 462 vs 382.
+# Below this many keys the `tl` kernel is faster (BENCHMARKS.md): each program's fixed costs (partitions, barriers,
+# Q load, masked stores) are spread over too few key blocks.
 MIN_KEYS = 1024
 
 
@@ -390,9 +389,8 @@ def _attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, dq_
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
-# Below this many keys the `tl` backward, which also splits the queries, fills the GPU better. Measured on an H100,
-# 84,480 queries, 16 heads (TFLOP/s): 1024 keys 404 vs 362 (tl), 2048 485 vs 393, 4096 479 vs 394; 4096 x 4096 362 vs
-# 364. Cross-attention onto 512 text tokens (64 programs a batch element) stays with `tl`.
+# Below this many keys the `tl` backward, which also splits the queries, fills the GPU better (BENCHMARKS.md), e.g.
+# in cross-attention onto 512 text tokens.
 BWD_MIN_KEYS = 1024
 
 

@@ -8,41 +8,23 @@ Forward:  one persistent Triton GEMM gives y = x W^T + S (s B)^T and S = x A^T (
 Backward: the same kernel gives dX = dY W + dS A, dS = dY (s B) and dB = s dY^T S; dA = dS^T x is a thin cuBLAS GEMM.
           No dW: W is frozen.
 
-How the thin products ride inside the GEMM: the first column tile of each row block (its "leader") also multiplies
-the U tiles it loads anyway (x, or dY) by the thin operand (A^T, or s B): r / 256 more tensor-core work on one tile
-in N / 256 (twice that in the backward, which also forms dY_k^T S), where a separate pass would read the whole
+The thin products ride inside the GEMM: the first column tile of each row block (its "leader") also multiplies the
+U tiles it loads anyway (x, or dY) by the thin operand (A^T, or s B), where a separate pass would read the whole
 activation from HBM again. The leaders run first (phase 1) and publish their row block's product with release flags;
 every other tile (phase 2) acquires it before its epilogue, which adds L R (L = S or dS) to the accumulator before
-the store. The backward's leaders also add dY_k^T S into dB
-at each K step (fp32 atomics: dB's last bits vary from run to run).
-
-The GEMM is persistent: one program an SM walks its tiles, and phase 2's tile loop is flattened into the K loop so
-that the next tile's loads are in flight while this tile's epilogue runs. The flags need every program resident at
-once, so the kernel is a cooperative launch: CUDA starts all of its programs together or refuses the launch (under
-the CPU interpreter, which runs programs one after another, a single program walks every tile).
+the store. The backward's leaders also add dY_k^T S into dB at each K step (fp32 atomics: dB's last bits vary from
+run to run). One program an SM walks its tiles, phase 2's tile loop flattened into the K loop so that the next
+tile's loads are in flight during this tile's epilogue. The flags need every program resident at once: a cooperative
+launch (under the CPU interpreter, which runs programs one after another, a single program walks every tile).
 """
-
-import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Triton's CPU interpreter multiplies bf16 tiles as their raw 16-bit integers (seen with triton 3.9); under the
-# interpreter every tl.dot gets fp32 operands instead. On the GPU this is a compile-time False.
-_UPCAST_DOT = tl.constexpr(_INTERPRET)
-
-
-@triton.jit
-def _dot(a, b, acc):
-    if _UPCAST_DOT:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
+from kernels import LORA_MAX_RANK
+from kernels.attention import _INTERPRET, _dot, _num_sms
 
 
 @triton.jit
@@ -102,7 +84,7 @@ def _lora_matmul_kernel(desc_u, desc_w, desc_t, desc_r, desc_c, S_PTR, L_PTR, FL
     each_thread = tl.zeros([THREADS], tl.int32)  # one flag update from each thread: each publishes its own stores
 
     # phase 1: the leaders, tiles 0 .. num_pid_m - 1 of the round-robin sequence (row block m, column block 0).
-    # The backward's is not flattened: flattened, its dB sums came out wrong at 660 row blocks (Triton 3.6).
+    # The backward's is not flattened: flattened, its dB sums came out wrong (Triton 3.6).
     m_out = pid - NUM_PROGRAMS
     for m in tl.range(pid, num_pid_m, NUM_PROGRAMS, flatten=TRANS_W):
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -166,11 +148,9 @@ def _set_block_shapes(nargs):
     nargs["desc_c"].block_shape = [bm, bn // 4]
 
 
-# Measured on an H100 at the LoRA shapes (M = 84,480): 128x256x64 tiles, 3 stages, 8 warps; whether phase 2 walks
-# the tiles grouped by 8 row blocks or row by row wins depends on the shape. Ranks up to MAX_RANK fit (r = 64: 216 KB
-# of shared memory, 255 registers in the backward). THREADS must be the program's thread count: every thread
-# publishes its own part of L, and a waiting thread needs all of them.
-MAX_RANK = 64
+# Tiles measured best on an H100 (BENCHMARKS.md); whether phase 2 walks the tiles grouped by 8 row blocks or row by
+# row wins depends on the shape, so both are tuned. Ranks up to LORA_MAX_RANK fit in shared memory and registers.
+# THREADS must be the program's thread count: every thread publishes its own part of L, and a waiter needs all.
 _BLOCK_M, _WARPS = 128, 8
 _CONFIGS = [triton.Config({"BLOCK_M": _BLOCK_M, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": g, "THREADS": 32 * _WARPS},
                           num_stages=3, num_warps=_WARPS, pre_hook=_set_block_shapes) for g in (8, 1)]
@@ -185,11 +165,6 @@ _lora_bwd_tuned = triton.autotune(_CONFIGS, key=["M", "N", "K"], reset_to_zero=[
 def _desc(t):
     """TMA descriptor of a 2-D tensor with contiguous rows; each config sets its tile shape (see the pre-hooks)."""
     return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [16, 16])
-
-
-@functools.cache
-def _num_sms(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def block_r(r):
@@ -282,8 +257,8 @@ def lora_linear(x, weight, lora_A, lora_B, scale):
         raise ValueError(f"x and W must both be bf16 or both fp16, got {x.dtype} and {weight.dtype}")
     if weight.requires_grad:
         raise ValueError("lora_linear keeps W frozen and never computes dW, but W requires grad")
-    if r > MAX_RANK:
-        raise ValueError(f"the fused kernel serves ranks up to {MAX_RANK}, got r={r}; use lora_linear_reference")
+    if r > LORA_MAX_RANK:
+        raise ValueError(f"the fused kernel serves ranks up to {LORA_MAX_RANK}, got r={r}; use lora_linear_reference")
     if K % 8 or N % 8 or r % 8:
         raise ValueError(f"TMA needs 16-byte rows: K={K}, N={N} and r={r} must be multiples of 8")
     x_M_K = x.reshape(-1, K)

@@ -301,10 +301,13 @@ def test_from_pretrained_roundtrip_and_rope_buffers_from_checkpoint(tmp_path):
         assert torch.equal(v, sd[k].to(torch.bfloat16).to(v.dtype)), k
 
 
-def test_bookkeeping_buffers_may_be_absent(tmp_path):
-    sd = {k: v for k, v in tiny_model().state_dict().items() if not k.startswith("accum_")}
+def test_bookkeeping_and_rope_buffers_may_be_absent(tmp_path):
+    model = tiny_model()
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith(("accum_", "pos_embedder."))}
     loaded = DiT.from_pretrained(save_checkpoint(tmp_path, sd), cfg=small_config())
     assert loaded.accum_iteration.item() == 0
+    for k in ("seq", "dim_spatial_range", "dim_temporal_range"):  # computed as the model computes them
+        assert torch.equal(getattr(loaded.pos_embedder, k), getattr(model.pos_embedder, k).bfloat16()), k
 
 
 @pytest.mark.parametrize("problem", ["missing", "extra", "shape"])
@@ -340,8 +343,8 @@ def test_latent_not_divisible_by_patch():
 
 
 @pytest.mark.parametrize("checkpointing, message", [
-    ("none", "set activation_checkpointing to 'full' or 'selective' (got 'none')"),
-    ("selective", "needs CUDA tensors (got cpu)")])
+    ("none", "set activation_checkpointing='full' or 'selective' (got 'none')"),
+    ("selective", "needs a CUDA device (got cpu)")])
 def test_offload_block_inputs_needs_checkpointing_and_cuda(checkpointing, message):
     model = tiny_model()
     model.activation_checkpointing, model.offload_block_inputs = checkpointing, True

@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan
 
-from model import (WanVAE, WanVAEConfig, _vae_blend_ramp, _vae_tile_starts, wan_vae_diffusers_to_official,
-                   wan_vae_official_to_diffusers)
+from model import WanVAE, WanVAEConfig, _vae_blend_ramp, _vae_tile_starts
+from vae_keys import wan_vae_diffusers_to_official, wan_vae_official_to_diffusers
 
 FIXTURE = Path(__file__).parent / "fixtures" / "wan_vae_keys.txt"
 SMALL = WanVAEConfig(dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=2, temperal_downsample=(False, True, True))
