@@ -19,6 +19,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 import kernels.attention as attention
 from kernels.attention import attention_reference, flash_attention, flash_attention_with_lse
 from kernels.lora import _launch_matmul, block_r, lora_linear, lora_linear_reference
+import lora
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
