@@ -5,22 +5,22 @@
     python convert.py import-diffusers FOLDER -o out.pt
     python convert.py export-diffusers in.pt -o FOLDER
 
-CKPT is a train.py checkpoint, `.../checkpoints/iter_000001000` (or `.../iter_000001000/model`, the reference's
-form). It holds only what was trained (the LoRA adapter, or every parameter when fine-tuning fully) and its EMA.
-The frozen base comes from meta.json's `base_checkpoint` (or --base); a random-init run's base is drawn again from
-its seed. Written to OUT_DIR (default: CKPT), as the reference's scripts/convert_distcp_to_pt.py does:
+CKPT is a train.py checkpoint, `.../checkpoints/iter_000001000` (or its `/model`, the reference's form): only what
+was trained (the LoRA adapter, or every parameter when fine-tuning fully) and its EMA. The frozen base comes from
+meta.json's `base_checkpoint` (or --base); a random-init run's base is drawn again from its seed. Written to OUT_DIR
+(default: CKPT), as the reference's scripts/convert_distcp_to_pt.py does:
 
   model.pt                   regular weights under `net.`, EMA weights under `net_ema.` (base tensors stored once)
   model_ema_fp32.pt          the EMA weights alone under `net.`, every float tensor fp32
   model_ema_bf16.pt          the same with every fp32 tensor cast to bf16: the file for inference
-  lora_ema_bf16.safetensors  (LoRA runs) the LoRA keys of model_ema_bf16.pt, `net.<module>.lora_A|B.default.weight`;
-                             metadata: lora_rank, lora_alpha, lora_target_modules, dit_preset, base_checkpoint,
-                             base_fingerprint, source_checkpoint, iteration
-  with --diffusers:          the adapter for diffusers' `load_lora_weights` (`..._diffusers.safetensors`, PEFT keys
-                             and `lora_adapter_metadata`) and for ComfyUI (`..._comfyui.safetensors`)
+  lora_ema_bf16.safetensors  (LoRA runs) the LoRA keys of model_ema_bf16.pt, `net.<module>.lora_A|B.default.weight`,
+                             and where they come from: lora_rank, lora_alpha, lora_target_modules, dit_preset,
+                             base_checkpoint, base_fingerprint, source_checkpoint, iteration
+  --diffusers:               the adapter also for diffusers' `load_lora_weights` (`lora_ema_bf16_diffusers.safetensors`:
+                             PEFT keys, `lora_adapter_metadata`) and for ComfyUI (`lora_ema_bf16_comfyui.safetensors`)
 
-Keys are the official ones: the released checkpoints' keys, which are our `DiT.state_dict()` keys under `net.`.
-A LoRA module's effect is W + alpha/rank * B @ A, with A [rank, in] and B [out, rank].
+Keys are the official ones (the released checkpoints' keys: our `DiT.state_dict()` keys under `net.`). A LoRA
+module's effect is W + alpha/rank * B @ A, with A [rank, in] and B [out, rank].
 """
 
 import argparse
@@ -439,10 +439,9 @@ def convert_checkpoint(checkpoint, out_dir=None, base=None, force=False, overwri
     if not use_lora:
         return out
 
-    provenance = {"lora_rank": str(meta["lora_rank"]), "lora_alpha": str(meta["lora_alpha"]),
-                  "lora_target_modules": meta["lora_target_modules"], "dit_preset": meta["dit_preset"],
-                  "base_checkpoint": meta["base_checkpoint"], "base_fingerprint": meta["base_fingerprint"],
-                  "source_checkpoint": str(checkpoint.resolve()), "iteration": str(meta["iteration"])}
+    recorded = ("lora_rank", "lora_alpha", "lora_target_modules", "dit_preset", "base_checkpoint", "base_fingerprint",
+                "iteration")
+    provenance = {**{k: str(meta[k]) for k in recorded}, "source_checkpoint": str(checkpoint.resolve())}
     save(out["lora_ema_bf16.safetensors"], with_prefix("net.", {k: bf16[k] for k in ema}), provenance)
     return write_translations(read_adapter(out["lora_ema_bf16.safetensors"]), out) if diffusers else out
 
