@@ -122,24 +122,8 @@ def official_shapes(cfg, meta=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reading and writing files: never over an existing one unless asked, and never a truncated one
+# Writing files: never over an existing one unless asked, and never a truncated one
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def read_dcp(checkpoint_dir, section):
-    """One section ("model", "ema", ...) of a train.py DCP checkpoint as a dict of CPU tensors, read in one process
-    whatever the number of ranks that wrote it."""
-    metadata = dcp.FileSystemReader(str(checkpoint_dir)).read_metadata()
-    prefix = section + "."
-    tensors = {k[len(prefix):]: v for k, v in metadata.state_dict_metadata.items()
-               if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)}
-    if not tensors:
-        raise KeyError(f"{checkpoint_dir} has no tensors in section {section!r}")
-    state = {section: {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in tensors.items()}}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, storage_reader=dcp.FileSystemReader(str(checkpoint_dir)), no_dist=True)
-    return state[section]
 
 
 def refuse_existing(paths, overwrite):
@@ -168,6 +152,143 @@ def save(path, obj, metadata=None):
 
 def with_prefix(prefix, state_dict):
     return {prefix + k: v for k, v in state_dict.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train.py checkpoint (DCP sections "model": the trained tensors, "ema", ...; meta.json names the base) -> files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_dcp(checkpoint_dir, section):
+    """One section ("model", "ema", ...) of a train.py DCP checkpoint as a dict of CPU tensors, read in one process
+    whatever the number of ranks that wrote it."""
+    metadata = dcp.FileSystemReader(str(checkpoint_dir)).read_metadata()
+    prefix = section + "."
+    tensors = {k[len(prefix):]: v for k, v in metadata.state_dict_metadata.items()
+               if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)}
+    if not tensors:
+        raise KeyError(f"{checkpoint_dir} has no tensors in section {section!r}")
+    state = {section: {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in tensors.items()}}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(checkpoint_dir)), no_dist=True)
+    return state[section]
+
+
+def find_checkpoint(path):
+    """A train.py checkpoint folder and its meta.json; `<iteration>/model` (the reference's form) is accepted."""
+    path = Path(path)
+    if path.name == "model" and not path.exists() and (path.parent / ".metadata").is_file():
+        path = path.parent  # our checkpoints keep every section in the iteration folder itself
+    if not (path / ".metadata").is_file():
+        if (path / "meta.json").is_file():  # train.py's keep_last rotation keeps exported files and meta.json
+            kept = ", ".join(sorted(f.name for f in path.iterdir() if f.name != "meta.json"))
+            raise ValueError(f"{path}: its training state was deleted by train.py's keep_last rotation; the files "
+                             f"exported from it stay there ({kept})")
+        latest = path / "latest_checkpoint.txt"
+        hint = f"; the latest one here is {path / latest.read_text().strip()}" if latest.is_file() else ""
+        raise ValueError(f"{path} is not a DCP checkpoint folder (no .metadata); expected a train.py checkpoint "
+                         f"such as .../checkpoints/iter_000001000{hint}")
+    if not (path / "meta.json").is_file():
+        raise ValueError(f"{path} has no meta.json: not a checkpoint written by train.py")
+    meta = json.loads((path / "meta.json").read_text())
+    if meta.get("dit_preset") not in DIT_PRESETS:
+        raise ValueError(f"{path}/meta.json: unknown dit_preset {meta.get('dit_preset')!r} "
+                         f"(known: {', '.join(DIT_PRESETS)})")
+    return path, meta
+
+
+def describe(meta):
+    lora = (f"LoRA rank {meta['lora_rank']}, alpha {meta['lora_alpha']} on {meta['lora_target_modules']}"
+            if meta["use_lora"] else "full fine-tuning")
+    return f"dit_preset {meta['dit_preset']!r}, {lora}"
+
+
+def load_base(meta, checkpoint, trained, base=None, force=False):
+    """-> (state dict, name) of the run's base, checked: every frozen tensor of the trained network with its shape,
+    and the base the run was trained on (same fingerprint) unless `force`. A file is memory-mapped, not read."""
+    recorded = meta["base_fingerprint"]
+    if base is None and recorded.startswith("random:"):
+        seed = int(recorded.removeprefix("random:"))
+        print(f"drawing the random-init base again from seed {seed} on the CPU "
+              f"(equal to the training base when train.py drew it on the CPU)")
+        with torch.random.fork_rng(devices=[]):  # as train.py: DiT(preset) right after torch.manual_seed(seed)
+            torch.manual_seed(seed)
+            net = DiT(DIT_PRESETS[meta["dit_preset"]])
+        if meta["use_lora"]:  # train.py casts a LoRA run's frozen base to the compute dtype
+            net.to(getattr(torch, meta["config"]["dtype"]))
+        state_dict, name, fingerprint = net.state_dict(), f"random init ({recorded})", recorded
+    else:
+        path = base or meta["base_checkpoint"]
+        if not path:
+            raise ValueError("meta.json names no base checkpoint; pass --base")
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"base checkpoint {path} does not exist"
+                                    + ("" if base else " (named in meta.json); pass --base"))
+        state_dict, name, fingerprint = load_checkpoint_file(path, prefix="net."), str(path), file_fingerprint(path)
+
+    shapes = official_shapes(DIT_PRESETS[meta["dit_preset"]], meta)
+    check_keys(trained, shapes, f"{checkpoint} does not match its own meta.json ({describe(meta)})", ValueError,
+               optional=shapes)
+    frozen = {k: v for k, v in shapes.items() if ".lora_" not in k}  # a LoRA run's output file is no base
+    check_keys(state_dict, frozen, f"base {name} does not fit {checkpoint} (trained as {describe(meta)}); a base "
+               f"of another model size?", ValueError, optional=DIT_OFFICIAL_ONLY | trained.keys())
+    if fingerprint != recorded and not force:
+        trained_on = meta["base_checkpoint"] or "a random init"
+        raise ValueError(f"base {name} has fingerprint {fingerprint}, but {checkpoint} was trained on {trained_on} "
+                         f"(fingerprint {recorded}); pass --force to use this base anyway")
+    return state_dict, name
+
+
+def convert_checkpoint(checkpoint, out_dir=None, base=None, force=False, overwrite=False, diffusers=False):
+    """A train.py checkpoint -> the files of the module docstring; returns {file name: path}."""
+    checkpoint, meta = find_checkpoint(checkpoint)
+    out_dir = Path(out_dir) if out_dir else checkpoint
+    use_lora = meta["use_lora"]
+    if diffusers and not use_lora:
+        raise ValueError(f"--diffusers exports a LoRA adapter, and {checkpoint} is a full fine-tuning checkpoint; "
+                         f"export the whole network with `convert.py export-diffusers model_ema_bf16.pt -o FOLDER`")
+    names = ["model.pt", "model_ema_fp32.pt", "model_ema_bf16.pt"]
+    names += ["lora_ema_bf16.safetensors"] if use_lora else []
+    names += ["lora_ema_bf16_diffusers.safetensors", "lora_ema_bf16_comfyui.safetensors"] if diffusers else []
+    out = {name: out_dir / name for name in names}
+    if diffusers and not overwrite and all(out[name].exists() for name in names[:4]):
+        # --diffusers after a plain conversion: only the translations of its adapter file are missing
+        adapter = read_adapter(out["lora_ema_bf16.safetensors"])
+        if adapter.metadata.get("source_checkpoint") != str(checkpoint.resolve()):
+            raise FileExistsError(f"{out['lora_ema_bf16.safetensors']} was exported from "
+                                  f"{adapter.metadata.get('source_checkpoint')}, not from {checkpoint}; pass "
+                                  f"--overwrite to replace the files in {out_dir}")
+        refuse_existing([out[name] for name in names[4:]], overwrite)
+        return write_translations(adapter, out)
+    refuse_existing(out.values(), overwrite)
+
+    trained, ema = read_dcp(checkpoint, "model"), read_dcp(checkpoint, "ema")
+    if trained.keys() != ema.keys():
+        raise ValueError(f"{checkpoint}: sections 'model' and 'ema' hold different keys: "
+                         f"{sorted(trained.keys() ^ ema.keys())[:6]}")
+    base_sd, base_name = load_base(meta, checkpoint, trained, base, force)
+    print(f"{checkpoint}: {describe(meta)}, {len(trained)} trained tensors; base {base_name}")
+
+    # one file at a time; base tensors are shared (memory-mapped), only casts and trained tensors are new
+    out_dir.mkdir(parents=True, exist_ok=True)
+    regular, averaged = {**base_sd, **trained}, {**base_sd, **ema}
+    save(out["model.pt"], {**with_prefix("net.", regular), **with_prefix("net_ema.", averaged)})
+    del regular
+    fp32 = {k: v.float() if v.is_floating_point() else v for k, v in averaged.items()}
+    save(out["model_ema_fp32.pt"], with_prefix("net.", fp32))
+    del fp32
+    bf16 = {k: v.bfloat16() if v.dtype == torch.float32 else v for k, v in averaged.items()}
+    save(out["model_ema_bf16.pt"], with_prefix("net.", bf16))
+    if not use_lora:
+        return out
+
+    recorded = ("lora_rank", "lora_alpha", "lora_target_modules", "dit_preset", "base_checkpoint", "base_fingerprint",
+                "iteration")
+    provenance = {**{k: str(meta[k]) for k in recorded}, "source_checkpoint": str(checkpoint.resolve())}
+    save(out["lora_ema_bf16.safetensors"], with_prefix("net.", {k: bf16[k] for k in ema}), provenance)
+    return write_translations(read_adapter(out["lora_ema_bf16.safetensors"]), out) if diffusers else out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -324,126 +445,6 @@ def merge(base, loras, output, force=False, overwrite=False):
         merged[key] = w.to(weights[key].dtype)
     save(output, with_prefix("net.", merged))
     return output
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# train.py checkpoint (DCP sections "model": the trained tensors, "ema", ...; meta.json names the base) -> files
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def find_checkpoint(path):
-    """A train.py checkpoint folder and its meta.json; `<iteration>/model` (the reference's form) is accepted."""
-    path = Path(path)
-    if path.name == "model" and not path.exists() and (path.parent / ".metadata").is_file():
-        path = path.parent  # our checkpoints keep every section in the iteration folder itself
-    if not (path / ".metadata").is_file():
-        if (path / "meta.json").is_file():  # train.py's keep_last rotation keeps exported files and meta.json
-            kept = ", ".join(sorted(f.name for f in path.iterdir() if f.name != "meta.json"))
-            raise ValueError(f"{path}: its training state was deleted by train.py's keep_last rotation; the files "
-                             f"exported from it stay there ({kept})")
-        latest = path / "latest_checkpoint.txt"
-        hint = f"; the latest one here is {path / latest.read_text().strip()}" if latest.is_file() else ""
-        raise ValueError(f"{path} is not a DCP checkpoint folder (no .metadata); expected a train.py checkpoint "
-                         f"such as .../checkpoints/iter_000001000{hint}")
-    if not (path / "meta.json").is_file():
-        raise ValueError(f"{path} has no meta.json: not a checkpoint written by train.py")
-    meta = json.loads((path / "meta.json").read_text())
-    if meta.get("dit_preset") not in DIT_PRESETS:
-        raise ValueError(f"{path}/meta.json: unknown dit_preset {meta.get('dit_preset')!r} "
-                         f"(known: {', '.join(DIT_PRESETS)})")
-    return path, meta
-
-
-def describe(meta):
-    lora = (f"LoRA rank {meta['lora_rank']}, alpha {meta['lora_alpha']} on {meta['lora_target_modules']}"
-            if meta["use_lora"] else "full fine-tuning")
-    return f"dit_preset {meta['dit_preset']!r}, {lora}"
-
-
-def load_base(meta, checkpoint, trained, base=None, force=False):
-    """-> (state dict, name) of the run's base, checked: every frozen tensor of the trained network with its shape,
-    and the base the run was trained on (same fingerprint) unless `force`. A file is memory-mapped, not read."""
-    recorded = meta["base_fingerprint"]
-    if base is None and recorded.startswith("random:"):
-        seed = int(recorded.removeprefix("random:"))
-        print(f"drawing the random-init base again from seed {seed} on the CPU "
-              f"(equal to the training base when train.py drew it on the CPU)")
-        with torch.random.fork_rng(devices=[]):  # as train.py: DiT(preset) right after torch.manual_seed(seed)
-            torch.manual_seed(seed)
-            net = DiT(DIT_PRESETS[meta["dit_preset"]])
-        if meta["use_lora"]:  # train.py casts a LoRA run's frozen base to the compute dtype
-            net.to(getattr(torch, meta["config"]["dtype"]))
-        state_dict, name, fingerprint = net.state_dict(), f"random init ({recorded})", recorded
-    else:
-        path = base or meta["base_checkpoint"]
-        if not path:
-            raise ValueError("meta.json names no base checkpoint; pass --base")
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"base checkpoint {path} does not exist"
-                                    + ("" if base else " (named in meta.json); pass --base"))
-        state_dict, name, fingerprint = load_checkpoint_file(path, prefix="net."), str(path), file_fingerprint(path)
-
-    shapes = official_shapes(DIT_PRESETS[meta["dit_preset"]], meta)
-    check_keys(trained, shapes, f"{checkpoint} does not match its own meta.json ({describe(meta)})", ValueError,
-               optional=shapes)
-    frozen = {k: v for k, v in shapes.items() if ".lora_" not in k}  # a LoRA run's output file is no base
-    check_keys(state_dict, frozen, f"base {name} does not fit {checkpoint} (trained as {describe(meta)}); a base "
-               f"of another model size?", ValueError, optional=DIT_OFFICIAL_ONLY | trained.keys())
-    if fingerprint != recorded and not force:
-        trained_on = meta["base_checkpoint"] or "a random init"
-        raise ValueError(f"base {name} has fingerprint {fingerprint}, but {checkpoint} was trained on {trained_on} "
-                         f"(fingerprint {recorded}); pass --force to use this base anyway")
-    return state_dict, name
-
-
-def convert_checkpoint(checkpoint, out_dir=None, base=None, force=False, overwrite=False, diffusers=False):
-    checkpoint, meta = find_checkpoint(checkpoint)
-    out_dir = Path(out_dir) if out_dir else checkpoint
-    use_lora = meta["use_lora"]
-    if diffusers and not use_lora:
-        raise ValueError(f"--diffusers exports a LoRA adapter, and {checkpoint} is a full fine-tuning checkpoint; "
-                         f"export the whole network with `convert.py export-diffusers model_ema_bf16.pt -o FOLDER`")
-    names = ["model.pt", "model_ema_fp32.pt", "model_ema_bf16.pt"]
-    names += ["lora_ema_bf16.safetensors"] if use_lora else []
-    names += ["lora_ema_bf16_diffusers.safetensors", "lora_ema_bf16_comfyui.safetensors"] if diffusers else []
-    out = {name: out_dir / name for name in names}
-    if diffusers and not overwrite and all(out[name].exists() for name in names[:4]):
-        # --diffusers after a plain conversion: only the translations of its adapter file are missing
-        adapter = read_adapter(out["lora_ema_bf16.safetensors"])
-        if adapter.metadata.get("source_checkpoint") != str(checkpoint.resolve()):
-            raise FileExistsError(f"{out['lora_ema_bf16.safetensors']} was exported from "
-                                  f"{adapter.metadata.get('source_checkpoint')}, not from {checkpoint}; pass "
-                                  f"--overwrite to replace the files in {out_dir}")
-        refuse_existing([out[name] for name in names[4:]], overwrite)
-        return write_translations(adapter, out)
-    refuse_existing(out.values(), overwrite)
-
-    trained, ema = read_dcp(checkpoint, "model"), read_dcp(checkpoint, "ema")
-    if trained.keys() != ema.keys():
-        raise ValueError(f"{checkpoint}: sections 'model' and 'ema' hold different keys: "
-                         f"{sorted(trained.keys() ^ ema.keys())[:6]}")
-    base_sd, base_name = load_base(meta, checkpoint, trained, base, force)
-    print(f"{checkpoint}: {describe(meta)}, {len(trained)} trained tensors; base {base_name}")
-
-    # one file at a time; base tensors are shared (memory-mapped), only casts and trained tensors are new
-    out_dir.mkdir(parents=True, exist_ok=True)
-    regular, averaged = {**base_sd, **trained}, {**base_sd, **ema}
-    save(out["model.pt"], {**with_prefix("net.", regular), **with_prefix("net_ema.", averaged)})
-    del regular
-    fp32 = {k: v.float() if v.is_floating_point() else v for k, v in averaged.items()}
-    save(out["model_ema_fp32.pt"], with_prefix("net.", fp32))
-    del fp32
-    bf16 = {k: v.bfloat16() if v.dtype == torch.float32 else v for k, v in averaged.items()}
-    save(out["model_ema_bf16.pt"], with_prefix("net.", bf16))
-    if not use_lora:
-        return out
-
-    recorded = ("lora_rank", "lora_alpha", "lora_target_modules", "dit_preset", "base_checkpoint", "base_fingerprint",
-                "iteration")
-    provenance = {**{k: str(meta[k]) for k in recorded}, "source_checkpoint": str(checkpoint.resolve())}
-    save(out["lora_ema_bf16.safetensors"], with_prefix("net.", {k: bf16[k] for k in ema}), provenance)
-    return write_translations(read_adapter(out["lora_ema_bf16.safetensors"]), out) if diffusers else out
 
 
 # ----------------------------------------------------------------------------------------------------------------
