@@ -353,11 +353,19 @@ def test_not_a_checkpoint_folder_fails_on_the_command_line(tmp_path):
             f"it stay there (model_ema_bf16.pt)") in result.stderr
 
 
-def test_base_of_another_model_size(lora_ckpt, tmp_path):
+def test_base_of_another_model_size(lora_ckpt, base_file, converted, tmp_path):
     other = save_base(tmp_path / "other.pt", seed=1, cfg=replace(small_config(), crossattn_proj_in_channels=256))
     with pytest.raises(ValueError, match="another model size") as info:
         convert_checkpoint(lora_ckpt, tmp_path / "out", base=other, force=True)
     assert "mis-shaped" in str(info.value) and str(other) in str(info.value)
+    assert not (tmp_path / "out").exists()
+    partial = load_checkpoint_file(base_file)
+    del partial["net.final_layer.linear.weight"]
+    torch.save(partial, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match=re.escape("missing keys (1): ['final_layer.linear.weight']")):
+        convert_checkpoint(lora_ckpt, tmp_path / "out", base=tmp_path / "partial.pt", force=True)
+    with pytest.raises(ValueError, match=r"unexpected keys \(80\): \['blocks.0.self_attn.q_proj.lora_A.default"):
+        convert_checkpoint(lora_ckpt, tmp_path / "out", base=converted / "model_ema_bf16.pt", force=True)
     assert not (tmp_path / "out").exists()
 
 
