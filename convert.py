@@ -569,25 +569,21 @@ def parse_lora_arg(spec):
 def main(argv):
     raw = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="convert.py", description=__doc__, formatter_class=raw)
-    commands = p.add_subparsers()
+    commands = p.add_subparsers(dest="command")
     c = commands.add_parser("convert", description=__doc__, formatter_class=raw)
-    c.set_defaults(run=convert_checkpoint)
     c.add_argument("checkpoint", help="train.py checkpoint folder .../checkpoints/iter_000001000 (or its /model)")
     c.add_argument("out_dir", nargs="?", help="output folder (default: the checkpoint folder)")
     c.add_argument("--base", help="base checkpoint to use instead of the one named in meta.json")
     c.add_argument("--diffusers", action="store_true", help="also write the adapter for diffusers and ComfyUI")
     m = commands.add_parser("merge", description=merge.__doc__)
-    m.set_defaults(run=merge)
     m.add_argument("--base", required=True, help="official-layout base checkpoint (e.g. *_ema_bf16.pt)")
     m.add_argument("--lora", dest="loras", required=True, action="append", type=parse_lora_arg, metavar="FILE[:SCALE]",
                    help="adapter file (ours, diffusers' or ComfyUI's) and its scale (default 1); repeatable")
     m.add_argument("-o", "--output", required=True, help="output .pt file")
     i = commands.add_parser("import-diffusers", description=import_diffusers.__doc__)
-    i.set_defaults(run=import_diffusers)
     i.add_argument("folder")
     i.add_argument("-o", "--output", required=True, help="output .pt file")
     e = commands.add_parser("export-diffusers", description=export_diffusers.__doc__)
-    e.set_defaults(run=export_diffusers)
     e.add_argument("checkpoint")
     e.add_argument("-o", "--output", dest="folder", required=True, help="output folder")
     for sub in (c, m):
@@ -597,7 +593,9 @@ def main(argv):
     if not argv or argv[0] not in [*commands.choices, "-h", "--help"]:
         argv = ["convert", *argv]  # `convert.py CKPT ...` is `convert.py convert CKPT ...`
     args = vars(p.parse_args(argv))
-    return args.pop("run")(**args)
+    run = {"convert": convert_checkpoint, "merge": merge, "import-diffusers": import_diffusers,
+           "export-diffusers": export_diffusers}[args.pop("command")]
+    return run(**args)
 
 
 if __name__ == "__main__":
