@@ -1,32 +1,26 @@
 """Checkpoint formats and conversions for the Cosmos-Predict2.5 DiT.
 
-    python convert.py CKPT [OUT_DIR] [--base B] [--force] [--overwrite] [--diffusers]
+    python convert.py [convert] CKPT [OUT_DIR] [--base B] [--force] [--overwrite] [--diffusers]
     python convert.py merge --base B --lora L[:scale] [--lora L2:0.5 ...] -o out.pt
     python convert.py import-diffusers FOLDER -o out.pt
     python convert.py export-diffusers in.pt -o FOLDER
 
-CKPT is a train.py checkpoint, `.../checkpoints/iter_000001000` (or `.../iter_000001000/model`, the reference's
-form). It holds only what was trained (the LoRA adapter, or every parameter when fine-tuning fully) and its EMA.
-The frozen base comes from meta.json's `base_checkpoint` (or --base); a random-init run's base is drawn again from
-its seed. Written to OUT_DIR (default: CKPT), as the reference's scripts/convert_distcp_to_pt.py does:
+CKPT is a train.py checkpoint, `.../checkpoints/iter_000001000` (or its `/model`, the reference's form): only what
+was trained (the LoRA adapter, or every parameter when fine-tuning fully) and its EMA. The frozen base comes from
+meta.json's `base_checkpoint` (or --base); a random-init run's base is drawn again from its seed. Written to OUT_DIR
+(default: CKPT), as the reference's scripts/convert_distcp_to_pt.py does:
 
-  model.pt                   regular weights under `net.`, EMA weights under `net_ema.`: base + trained tensors
-                             (each base tensor is stored once, shared by the two prefixes)
+  model.pt                   regular weights under `net.`, EMA weights under `net_ema.` (base tensors stored once)
   model_ema_fp32.pt          the EMA weights alone under `net.`, every float tensor fp32
   model_ema_bf16.pt          the same with every fp32 tensor cast to bf16: the file for inference
-  lora_ema_bf16.safetensors  (LoRA runs) the EMA adapter alone: `net.<module>.lora_A.default.weight` [r, in] and
-                             `net.<module>.lora_B.default.weight` [out, r] in bf16 (the LoRA keys of
-                             model_ema_bf16.pt); metadata: lora_rank, lora_alpha, lora_target_modules, dit_preset,
+  lora_ema_bf16.safetensors  (LoRA runs) the LoRA keys of model_ema_bf16.pt, `net.<module>.lora_A|B.default.weight`,
+                             and where they come from: lora_rank, lora_alpha, lora_target_modules, dit_preset,
                              base_checkpoint, base_fingerprint, source_checkpoint, iteration
-With --diffusers, also (LoRA runs):
-  lora_ema_bf16_diffusers.safetensors  `transformer.<diffusers module>.lora_A.weight` / `.lora_B.weight` plus
-                             diffusers' `lora_adapter_metadata` (r, lora_alpha, target_modules), for
-                             `Cosmos2_5_PredictBasePipeline.load_lora_weights`
-  lora_ema_bf16_comfyui.safetensors    `diffusion_model.<module>.lora_down.weight` (A), `.lora_up.weight` (B) and
-                             `.alpha`: ComfyUI's generic LoRA keys over the official module names
+  --diffusers:               the adapter also for diffusers' `load_lora_weights` (`lora_ema_bf16_diffusers.safetensors`:
+                             PEFT keys, `lora_adapter_metadata`) and for ComfyUI (`lora_ema_bf16_comfyui.safetensors`)
 
-Keys are the official ones: the released checkpoints' keys, which are our `DiT.state_dict()` keys under `net.`.
-A LoRA module's effect is W + alpha/rank * B @ A.
+Keys are the official ones (the released checkpoints' keys: our `DiT.state_dict()` keys under `net.`). A LoRA
+module's effect is W + alpha/rank * B @ A, with A [rank, in] and B [out, rank].
 """
 
 import argparse
@@ -39,7 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from lora import inject_lora
 from model import (DIT_BOOKKEEPING_KEYS, DIT_PRESETS, DIT_ROPE_BUFFER_KEYS, DiT, DiTConfig, file_fingerprint,
@@ -47,128 +43,136 @@ from model import (DIT_BOOKKEEPING_KEYS, DIT_PRESETS, DIT_ROPE_BUFFER_KEYS, DiT,
 from prep_data import write_safetensors
 
 # ----------------------------------------------------------------------------------------------------------------
-# 1. Key maps: the official DiT layout <-> diffusers' CosmosTransformer3DModel layout
+# Key layouts: official <-> diffusers' CosmosTransformer3DModel, and the strict key check
 # ----------------------------------------------------------------------------------------------------------------
 
-
-# official block-local name -> diffusers block-local name (both without the `.weight` suffix)
-_BLOCK_MAP = {
-    "self_attn.q_proj": "attn1.to_q",
-    "self_attn.k_proj": "attn1.to_k",
-    "self_attn.v_proj": "attn1.to_v",
-    "self_attn.output_proj": "attn1.to_out.0",
-    "self_attn.q_norm": "attn1.norm_q",
-    "self_attn.k_norm": "attn1.norm_k",
-    "cross_attn.q_proj": "attn2.to_q",
-    "cross_attn.k_proj": "attn2.to_k",
-    "cross_attn.v_proj": "attn2.to_v",
-    "cross_attn.output_proj": "attn2.to_out.0",
-    "cross_attn.q_norm": "attn2.norm_q",
-    "cross_attn.k_norm": "attn2.norm_k",
-    "mlp.layer1": "ff.net.0.proj",
-    "mlp.layer2": "ff.net.2",
-    "adaln_modulation_self_attn.1": "norm1.linear_1",
-    "adaln_modulation_self_attn.2": "norm1.linear_2",
-    "adaln_modulation_cross_attn.1": "norm2.linear_1",
-    "adaln_modulation_cross_attn.2": "norm2.linear_2",
-    "adaln_modulation_mlp.1": "norm3.linear_1",
-    "adaln_modulation_mlp.2": "norm3.linear_2",
-}
-_TOP_MAP = {
-    "x_embedder.proj.1": "patch_embed.proj",
+# official module name -> diffusers' (block modules by their name inside `blocks.<i>` / `transformer_blocks.<i>`)
+TOP_NAMES = {
+    "x_embedder.proj.1": "patch_embed.proj", "t_embedding_norm": "time_embed.norm",
     "t_embedder.1.linear_1": "time_embed.t_embedder.linear_1",
     "t_embedder.1.linear_2": "time_embed.t_embedder.linear_2",
-    "t_embedding_norm": "time_embed.norm",
-    "crossattn_proj.0": "crossattn_proj.0",
-    "final_layer.linear": "proj_out",
-    "final_layer.adaln_modulation.1": "norm_out.linear_1",
-    "final_layer.adaln_modulation.2": "norm_out.linear_2",
+    "crossattn_proj.0": "crossattn_proj.0", "final_layer.linear": "proj_out",
+    "final_layer.adaln_modulation.1": "norm_out.linear_1", "final_layer.adaln_modulation.2": "norm_out.linear_2",
 }
-# official keys with no diffusers counterpart: bookkeeping counters, and the RoPE tables diffusers recomputes
-DIT_OFFICIAL_ONLY = re.compile(r"^(accum_\w+|pos_embedder\.(seq|dim_spatial_range|dim_temporal_range))$")
+ATTENTION_NAMES = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "output_proj": "to_out.0",
+                   "q_norm": "norm_q", "k_norm": "norm_k"}
+BLOCK_NAMES = {
+    **{f"self_attn.{k}": f"attn1.{v}" for k, v in ATTENTION_NAMES.items()},
+    **{f"cross_attn.{k}": f"attn2.{v}" for k, v in ATTENTION_NAMES.items()},
+    "mlp.layer1": "ff.net.0.proj", "mlp.layer2": "ff.net.2",
+    "adaln_modulation_self_attn.1": "norm1.linear_1", "adaln_modulation_self_attn.2": "norm1.linear_2",
+    "adaln_modulation_cross_attn.1": "norm2.linear_1", "adaln_modulation_cross_attn.2": "norm2.linear_2",
+    "adaln_modulation_mlp.1": "norm3.linear_1", "adaln_modulation_mlp.2": "norm3.linear_2",
+}
+# target layout -> (top-level names, block names, block prefix, the target's block prefix)
+RENAMES = {
+    "diffusers": (TOP_NAMES, BLOCK_NAMES, "blocks.", "transformer_blocks."),
+    "official": ({v: k for k, v in TOP_NAMES.items()}, {v: k for k, v in BLOCK_NAMES.items()},
+                 "transformer_blocks.", "blocks."),
+}
+# official keys diffusers does not store (it recomputes the RoPE tables); our loader fills them in
+DIT_OFFICIAL_ONLY = frozenset(DIT_BOOKKEEPING_KEYS + DIT_ROPE_BUFFER_KEYS)
 
 
-def _map_module(name, top, block, block_prefix_from, block_prefix_to):
-    m = re.match(rf"^{re.escape(block_prefix_from)}(\d+)\.(.+)$", name)
-    if m:
-        idx, local = m.groups()
-        if local in block:
-            return f"{block_prefix_to}{idx}.{block[local]}"
-    elif name in top:
+def rename_module(name, to):
+    """A module name in the other layout (`to`: "diffusers" or "official")."""
+    top, block, prefix, new_prefix = RENAMES[to]
+    m = re.match(rf"^{re.escape(prefix)}(\d+)\.(.+)$", name)
+    if m and m.group(2) in block:
+        return f"{new_prefix}{m.group(1)}.{block[m.group(2)]}"
+    if not m and name in top:
         return top[name]
-    return None
+    raise KeyError(f"no {to} counterpart for module {name!r}")
 
 
 def dit_key_to_diffusers(key):
-    """Official DiT key -> diffusers key. LoRA keys `<m>.lora_A.<adapter>.weight` become diffusers/PEFT keys
-    `<m'>.lora_A.weight` (the adapter name is dropped, as diffusers' LoRA files have it)."""
+    """Official DiT key -> diffusers key; LoRA keys `<m>.lora_A.<adapter>.weight` lose the adapter name, as in
+    diffusers' LoRA files: `<m'>.lora_A.weight`."""
     m = re.match(r"^(.+)\.(lora_[AB])\.[^.]+\.weight$", key)
     module, suffix = (m.group(1), f"{m.group(2)}.weight") if m else key.rsplit(".", 1)
-    mapped = _map_module(module, _TOP_MAP, _BLOCK_MAP, "blocks.", "transformer_blocks.")
-    if mapped is None:
-        raise KeyError(f"no diffusers counterpart for official DiT key {key!r}")
-    return f"{mapped}.{suffix}"
-
-
-def dit_key_from_diffusers(key, adapter_name="default"):
-    m = re.match(r"^(.+)\.(lora_[AB])\.weight$", key)
-    module, suffix = (m.group(1), f"{m.group(2)}.{adapter_name}.weight") if m else key.rsplit(".", 1)
-    top = {v: k for k, v in _TOP_MAP.items()}
-    block = {v: k for k, v in _BLOCK_MAP.items()}
-    mapped = _map_module(module, top, block, "transformer_blocks.", "blocks.")
-    if mapped is None:
-        raise KeyError(f"no official counterpart for diffusers key {key!r}")
-    return f"{mapped}.{suffix}"
+    return f"{rename_module(module, 'diffusers')}.{suffix}"
 
 
 def dit_to_diffusers(state_dict):
-    """Official DiT state dict -> diffusers CosmosTransformer3DModel state dict (drops bookkeeping and RoPE
-    buffers, which diffusers does not store)."""
-    return {dit_key_to_diffusers(k): v for k, v in state_dict.items() if not DIT_OFFICIAL_ONLY.match(k)}
+    return {dit_key_to_diffusers(k): v for k, v in state_dict.items() if k not in DIT_OFFICIAL_ONLY}
 
 
-def dit_from_diffusers(state_dict, adapter_name="default"):
-    return {dit_key_from_diffusers(k, adapter_name): v for k, v in state_dict.items()}
+def check_keys(found, expected, source, error=KeyError, optional=()):
+    """Raise `error`, starting with `source`, naming the missing, unexpected and mis-shaped keys of `found` (key ->
+    tensor) against `expected` (key -> shape). Keys in `optional` may be missing."""
+    problems = {
+        "missing": [k for k in expected if k not in found and k not in optional],
+        "unexpected": [k for k in found if k not in expected],
+        "mis-shaped": [f"{k}: file {tuple(v.shape)}, expected {tuple(expected[k])}" for k, v in found.items()
+                       if k in expected and tuple(v.shape) != tuple(expected[k])],
+    }
+    report = [f"{title} keys ({len(keys)}): {keys[:20]}" + (f" and {len(keys) - 20} more" if len(keys) > 20 else "")
+              for title, keys in problems.items() if keys]
+    if report:
+        raise error(f"{source}: " + "; ".join(report))
+
+
+def official_shapes(cfg, meta=None):
+    """Key -> shape of DiT(cfg), with the adapters of a train.py run's meta.json (built on the meta device)."""
+    with torch.device("meta"):
+        net = DiT(cfg)
+        if meta and meta["use_lora"]:
+            inject_lora(net, meta["lora_target_modules"], rank=meta["lora_rank"], alpha=meta["lora_alpha"])
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 2. Checkpoints written by train.py: DCP sections "model" (trained tensors), "ema", "optim", "scheduler",
-#    "trainer", and meta.json naming the base
+# Writing files: never over an existing one unless asked, and never a truncated one
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _dcp_load(checkpoint_dir, state):
-    import torch.distributed.checkpoint as dcp
+def refuse_existing(paths, overwrite):
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"output file(s) exist: {', '.join(existing)}; pass --overwrite to replace them")
 
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, storage_reader=dcp.FileSystemReader(str(checkpoint_dir)), no_dist=True)
+
+def save(path, obj, metadata=None):
+    """Tensors to a .safetensors or torch file, or a dict to a .json file, written as `<name>.partial` and renamed:
+    an interrupted conversion never leaves a truncated file behind."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        if path.suffix == ".safetensors":
+            write_safetensors(obj, tmp, {"format": "pt", **(metadata or {})})
+        elif path.suffix == ".json":
+            tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+
+
+def with_prefix(prefix, state_dict):
+    return {prefix + k: v for k, v in state_dict.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train.py checkpoint (DCP sections "model": the trained tensors, "ema", ...; meta.json names the base) -> files
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def read_dcp(checkpoint_dir, section):
-    """One section ("model", "ema", ...) of a train.py DCP checkpoint as a plain dict of CPU tensors, read in a
-    single process (no torch.distributed needed), whatever the number of ranks that wrote it."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    try:
-        metadata = dcp.FileSystemReader(str(checkpoint_dir)).read_metadata()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{checkpoint_dir} is not a DCP checkpoint (no .metadata file)") from None
+    """One section ("model", "ema", ...) of a train.py DCP checkpoint as a dict of CPU tensors, read in one process
+    whatever the number of ranks that wrote it."""
+    metadata = dcp.FileSystemReader(str(checkpoint_dir)).read_metadata()
     prefix = section + "."
     tensors = {k[len(prefix):]: v for k, v in metadata.state_dict_metadata.items()
                if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)}
     if not tensors:
         raise KeyError(f"{checkpoint_dir} has no tensors in section {section!r}")
     state = {section: {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in tensors.items()}}
-    _dcp_load(checkpoint_dir, state)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(checkpoint_dir)), no_dist=True)
     return state[section]
-
-
-def read_iteration(checkpoint_dir):
-    state = {"trainer": {"iteration": 0}}
-    _dcp_load(checkpoint_dir, state)
-    return state["trainer"]["iteration"]
 
 
 def find_checkpoint(path):
@@ -200,265 +204,45 @@ def describe(meta):
     return f"dit_preset {meta['dit_preset']!r}, {lora}"
 
 
-def training_model_shapes(meta):
-    """Key -> shape of the network train.py trained: the preset with its adapters (built on the meta device)."""
-    with torch.device("meta"):
-        net = DiT(DIT_PRESETS[meta["dit_preset"]])
-        if meta["use_lora"]:
-            inject_lora(net, meta["lora_target_modules"], rank=meta["lora_rank"], alpha=meta["lora_alpha"])
-    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
-
-
-def compare_keys(state_dict, expected, optional=()):
-    """Missing, unexpected and mis-shaped keys of `state_dict` against `expected` (key -> shape)."""
-    missing = [k for k in expected if k not in state_dict and k not in optional]
-    unexpected = [k for k in state_dict if k not in expected]
-    mis_shaped = [f"{k}: {tuple(v.shape)}, expected {expected[k]}" for k, v in state_dict.items()
-                  if k in expected and tuple(v.shape) != expected[k]]
-    return missing, unexpected, mis_shaped
-
-
-def key_report(missing, unexpected, mis_shaped):
-    lines = []
-    for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)):
-        if keys:
-            lines.append(f"  {len(keys)} {title}: " + "; ".join(keys[:6]) + ("; ..." if len(keys) > 6 else ""))
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 3. The base weights of a run
-# ----------------------------------------------------------------------------------------------------------------
-
-# buffers our loader fills in when a file lacks them (bookkeeping counters; RoPE tables it computes)
-OPTIONAL_KEYS = frozenset(DIT_BOOKKEEPING_KEYS + DIT_ROPE_BUFFER_KEYS)
-
-
-def random_base(meta):
-    """The base of a run with base_checkpoint="": train.py draws DiT(preset) right after torch.manual_seed(seed)
-    and, when training LoRA, casts it to the compute dtype. Drawn here on the CPU (see the printed note)."""
-    seed = int(meta["base_fingerprint"].removeprefix("random:"))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = DiT(DIT_PRESETS[meta["dit_preset"]])
-    if meta["use_lora"]:
-        net.to(getattr(torch, meta["config"]["dtype"]))
-    return net.state_dict()
-
-
-def load_base(meta, base=None):
-    """-> (base state dict, its name, its fingerprint). A file is memory-mapped, not read into RAM."""
+def load_base(meta, checkpoint, trained, base=None, force=False):
+    """-> (state dict, name) of the run's base, checked: every frozen tensor of the trained network with its shape,
+    and the base the run was trained on (same fingerprint) unless `force`. A file is memory-mapped, not read."""
     recorded = meta["base_fingerprint"]
     if base is None and recorded.startswith("random:"):
-        print(f"drawing the random-init base again from seed {recorded.removeprefix('random:')} on the CPU "
+        seed = int(recorded.removeprefix("random:"))
+        print(f"drawing the random-init base again from seed {seed} on the CPU "
               f"(equal to the training base when train.py drew it on the CPU)")
-        return random_base(meta), f"random init ({recorded})", recorded
-    path = base or meta["base_checkpoint"]
-    if not path:
-        raise ValueError("meta.json names no base checkpoint; pass --base")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"base checkpoint {path} does not exist"
-                                + ("" if base else " (named in meta.json); pass --base"))
-    return load_checkpoint_file(path, prefix="net."), str(path), file_fingerprint(path)
+        with torch.random.fork_rng(devices=[]):  # as train.py: DiT(preset) right after torch.manual_seed(seed)
+            torch.manual_seed(seed)
+            net = DiT(DIT_PRESETS[meta["dit_preset"]])
+        if meta["use_lora"]:  # train.py casts a LoRA run's frozen base to the compute dtype
+            net.to(getattr(torch, meta["config"]["dtype"]))
+        state_dict, name, fingerprint = net.state_dict(), f"random init ({recorded})", recorded
+    else:
+        path = base or meta["base_checkpoint"]
+        if not path:
+            raise ValueError("meta.json names no base checkpoint; pass --base")
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"base checkpoint {path} does not exist"
+                                    + ("" if base else " (named in meta.json); pass --base"))
+        state_dict, name, fingerprint = load_checkpoint_file(path, prefix="net."), str(path), file_fingerprint(path)
 
-
-def check_base(base, base_name, fingerprint, trained, meta, checkpoint, force):
-    """The base must hold every frozen tensor of the trained network with its shape, and be the base the run was
-    trained on (same fingerprint) unless `force`."""
-    shapes = training_model_shapes(meta)
-    _, unexpected, mis_shaped = compare_keys(trained, shapes)
-    if unexpected or mis_shaped:
-        raise ValueError(f"{checkpoint} does not match its own meta.json ({describe(meta)}):\n"
-                         f"{key_report([], unexpected, mis_shaped)}")
-    missing, unexpected, mis_shaped = compare_keys(base, shapes, OPTIONAL_KEYS | trained.keys())
-    unexpected += [k for k in base if ".lora_" in k and k in shapes]  # a LoRA run's output file is no base
-    if missing or unexpected or mis_shaped:
-        raise ValueError(f"base {base_name} does not fit {checkpoint} (trained as {describe(meta)}); a base of "
-                         f"another model size?\n{key_report(missing, unexpected, mis_shaped)}")
-    if fingerprint != meta["base_fingerprint"] and not force:
+    shapes = official_shapes(DIT_PRESETS[meta["dit_preset"]], meta)
+    check_keys(trained, shapes, f"{checkpoint} does not match its own meta.json ({describe(meta)})", ValueError,
+               optional=shapes)
+    frozen = {k: v for k, v in shapes.items() if ".lora_" not in k}  # a LoRA run's output file is no base
+    check_keys(state_dict, frozen, f"base {name} does not fit {checkpoint} (trained as {describe(meta)}); a base "
+               f"of another model size?", ValueError, optional=DIT_OFFICIAL_ONLY | trained.keys())
+    if fingerprint != recorded and not force:
         trained_on = meta["base_checkpoint"] or "a random init"
-        raise ValueError(f"base {base_name} has fingerprint {fingerprint}, but {checkpoint} was trained on "
-                         f"{trained_on} (fingerprint {meta['base_fingerprint']}); pass --force to use this base "
-                         f"anyway")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 4. Writing files: never over an existing one unless asked, and never a truncated one
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def refuse_existing(paths, overwrite):
-    existing = [str(p) for p in paths if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"output file(s) exist: {', '.join(existing)}; pass --overwrite to replace them")
-
-
-def write_file(path, write):
-    """write(tmp_path), then rename: an interrupted conversion never leaves a truncated `<name>` behind."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
-
-
-def save_torch(state_dict, path):
-    write_file(path, lambda tmp: torch.save(state_dict, tmp))
-
-
-def save_safetensors(tensors, path, metadata):
-    write_file(path, lambda tmp: write_safetensors(tensors, tmp, {"format": "pt", **metadata}))
-
-
-def with_prefix(prefix, state_dict):
-    return {prefix + k: v for k, v in state_dict.items()}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 5. Adapter files: ours, diffusers' and ComfyUI's
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Adapter:
-    """One low-rank adapter: official module name -> (A [rank, in], B [out, rank]); W' = W + alpha/rank * B @ A."""
-    modules: dict
-    rank: int
-    alpha: float
-    metadata: dict  # str -> str, from the file (ours: provenance, see the module docstring)
-
-    def state_dict(self, adapter_name="default"):
-        """Our layout, the keys of `lora.lora_state_dict`: `<module>.lora_A.<name>.weight`, `...lora_B...`."""
-        out = {}
-        for module, (A, B) in self.modules.items():
-            out[f"{module}.lora_A.{adapter_name}.weight"] = A
-            out[f"{module}.lora_B.{adapter_name}.weight"] = B
-        return out
-
-
-OURS_KEY = re.compile(r"^(?:net\.)?(.+)\.lora_([AB])\.([^.]+)\.weight$")
-DIFFUSERS_KEY = re.compile(r"^(?:transformer\.)?(.+)\.lora_([AB])\.weight$")
-COMFYUI_KEY = re.compile(r"^diffusion_model\.(.+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
-COMFYUI_PART = {"lora_down.weight": "A", "lora_up.weight": "B"}
-
-
-def make_adapter(parts, alpha, metadata, source):
-    """parts: module -> {"A": tensor, "B": tensor}; checks that they pair up with one rank."""
-    modules, ranks = {}, set()
-    for module, ab in parts.items():
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"{source}: module {module} has lora_{''.join(ab)} but not both lora_A and lora_B")
-        A, B = ab["A"], ab["B"]
-        if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
-            raise ValueError(f"{source}: {module} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, "
-                             f"expected [r, in] and [out, r]")
-        modules[module] = (A, B)
-        ranks.add(A.shape[0])
-    if len(ranks) != 1:
-        raise ValueError(f"{source}: expected one LoRA rank, found {sorted(ranks) or 'no LoRA weights'}")
-    rank = ranks.pop()
-    return Adapter(modules, rank, float(rank if alpha is None else alpha), metadata)
-
-
-def read_tensors_with_metadata(path):
-    """(tensors, safetensors metadata) of a .safetensors or torch file of flat tensors."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    if path.suffix == ".safetensors":
-        with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    return load_checkpoint_file(path), {}
-
-
-def read_adapter(path):
-    """An adapter file in one of the layouts this file writes (ours, diffusers', ComfyUI's), told by its keys."""
-    tensors, metadata = read_tensors_with_metadata(path)
-    parts, alphas, layouts, names = {}, {}, set(), set()
-    for key, value in tensors.items():
-        if m := COMFYUI_KEY.match(key):
-            layouts.add("comfyui")
-            module, part = m.groups()
-            if part == "alpha":
-                alphas[module] = value.item()
-                continue
-            part = COMFYUI_PART[part]
-        elif m := OURS_KEY.match(key):
-            layouts.add("ours")
-            module, part, name = m.groups()
-            names.add(name)
-        elif m := DIFFUSERS_KEY.match(key):
-            layouts.add("diffusers")
-            module, part = m.groups()
-            module = dit_key_from_diffusers(module + ".weight").removesuffix(".weight")
-        else:
-            raise ValueError(f"{path}: {key!r} is not a LoRA weight; an adapter file has only "
-                             f"`[net.]<module>.lora_A|lora_B.<name>.weight` (ours), "
-                             f"`transformer.<module>.lora_A|lora_B.weight` (diffusers) or "
-                             f"`diffusion_model.<module>.lora_down|lora_up.weight|alpha` (ComfyUI) keys")
-        parts.setdefault(module, {})[part] = value
-    if len(layouts) > 1 or len(names) > 1:
-        raise ValueError(f"{path} mixes adapter layouts {sorted(layouts)} or adapter names {sorted(names)}")
-    layout = layouts.pop() if layouts else None
-    if layout == "ours":
-        alpha = metadata.get("lora_alpha")
-    elif layout == "diffusers":
-        config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
-        if config.get("transformer.rank_pattern") or config.get("transformer.alpha_pattern"):
-            raise ValueError(f"{path}: per-module ranks or alphas (rank_pattern/alpha_pattern) are not supported")
-        alpha = config.get("transformer.lora_alpha")
-    else:  # ComfyUI's, or no LoRA weights at all (make_adapter says so)
-        if len(set(alphas.values())) > 1:
-            raise ValueError(f"{path}: per-module alphas are not supported (found {sorted(set(alphas.values()))})")
-        alpha = next(iter(alphas.values()), None)
-    return make_adapter(parts, alpha, metadata, path)
-
-
-def check_adapter_base(adapter, path, base, fingerprint, force):
-    """An adapter of ours records the fingerprint of the base it was trained on: another base is refused, or with
-    `force` taken with a warning (adapters of other tools record none)."""
-    recorded = adapter.metadata.get("base_fingerprint")
-    if recorded and recorded != fingerprint:
-        trained_on = adapter.metadata.get("base_checkpoint") or "a random init"
-        message = f"adapter {path} was trained on {trained_on} (fingerprint {recorded}), not on {base} ({fingerprint})"
-        if not force:
-            raise ValueError(f"{message}; pass --force to use it anyway")
-        print(f"warning: {message}; using it anyway (--force)")
-
-
-def adapter_to_diffusers(adapter):
-    """-> (tensors, metadata) for diffusers' `load_lora_weights`: PEFT keys under `transformer.`, and the
-    LoraConfig it builds (rank, alpha, the exact target modules) in `lora_adapter_metadata`."""
-    tensors, targets = {}, []
-    for module, (A, B) in adapter.modules.items():
-        name = dit_key_to_diffusers(module + ".weight").removesuffix(".weight")
-        tensors[f"transformer.{name}.lora_A.weight"] = A
-        tensors[f"transformer.{name}.lora_B.weight"] = B
-        targets.append(name)
-    config = {"transformer.r": adapter.rank, "transformer.lora_alpha": adapter.alpha,
-              "transformer.target_modules": sorted(targets)}
-    return tensors, {**adapter.metadata, "lora_adapter_metadata": json.dumps(config)}
-
-
-def adapter_to_comfyui(adapter):
-    tensors = {}
-    for module, (A, B) in adapter.modules.items():
-        tensors[f"diffusion_model.{module}.lora_down.weight"] = A
-        tensors[f"diffusion_model.{module}.lora_up.weight"] = B
-        tensors[f"diffusion_model.{module}.alpha"] = torch.tensor(adapter.alpha, dtype=torch.float32)
-    return tensors
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 6. DCP checkpoint -> consolidated files
-# ----------------------------------------------------------------------------------------------------------------
+        raise ValueError(f"base {name} has fingerprint {fingerprint}, but {checkpoint} was trained on {trained_on} "
+                         f"(fingerprint {recorded}); pass --force to use this base anyway")
+    return state_dict, name
 
 
 def convert_checkpoint(checkpoint, out_dir=None, base=None, force=False, overwrite=False, diffusers=False):
+    """A train.py checkpoint -> the files of the module docstring; returns {file name: path}."""
     checkpoint, meta = find_checkpoint(checkpoint)
     out_dir = Path(out_dir) if out_dir else checkpoint
     use_lora = meta["use_lora"]
@@ -484,47 +268,156 @@ def convert_checkpoint(checkpoint, out_dir=None, base=None, force=False, overwri
     if trained.keys() != ema.keys():
         raise ValueError(f"{checkpoint}: sections 'model' and 'ema' hold different keys: "
                          f"{sorted(trained.keys() ^ ema.keys())[:6]}")
-    base_sd, base_name, fingerprint = load_base(meta, base)
-    check_base(base_sd, base_name, fingerprint, trained, meta, checkpoint, force)
+    base_sd, base_name = load_base(meta, checkpoint, trained, base, force)
     print(f"{checkpoint}: {describe(meta)}, {len(trained)} trained tensors; base {base_name}")
 
     # one file at a time; base tensors are shared (memory-mapped), only casts and trained tensors are new
     out_dir.mkdir(parents=True, exist_ok=True)
     regular, averaged = {**base_sd, **trained}, {**base_sd, **ema}
-    save_torch({**with_prefix("net.", regular), **with_prefix("net_ema.", averaged)}, out["model.pt"])
+    save(out["model.pt"], {**with_prefix("net.", regular), **with_prefix("net_ema.", averaged)})
     del regular
-    save_torch(with_prefix("net.", {k: v.float() if v.is_floating_point() else v for k, v in averaged.items()}),
-               out["model_ema_fp32.pt"])
+    fp32 = {k: v.float() if v.is_floating_point() else v for k, v in averaged.items()}
+    save(out["model_ema_fp32.pt"], with_prefix("net.", fp32))
+    del fp32
     bf16 = {k: v.bfloat16() if v.dtype == torch.float32 else v for k, v in averaged.items()}
-    save_torch(with_prefix("net.", bf16), out["model_ema_bf16.pt"])
+    save(out["model_ema_bf16.pt"], with_prefix("net.", bf16))
     if not use_lora:
         return out
 
-    provenance = {"lora_rank": str(meta["lora_rank"]), "lora_alpha": str(meta["lora_alpha"]),
-                  "lora_target_modules": meta["lora_target_modules"], "dit_preset": meta["dit_preset"],
-                  "base_checkpoint": meta["base_checkpoint"], "base_fingerprint": meta["base_fingerprint"],
-                  "source_checkpoint": str(checkpoint.resolve()), "iteration": str(read_iteration(checkpoint))}
-    lora_keys = {k: bf16[k] for k in ema}
-    save_safetensors(with_prefix("net.", lora_keys), out["lora_ema_bf16.safetensors"], provenance)
+    recorded = ("lora_rank", "lora_alpha", "lora_target_modules", "dit_preset", "base_checkpoint", "base_fingerprint",
+                "iteration")
+    provenance = {**{k: str(meta[k]) for k in recorded}, "source_checkpoint": str(checkpoint.resolve())}
+    save(out["lora_ema_bf16.safetensors"], with_prefix("net.", {k: bf16[k] for k in ema}), provenance)
     return write_translations(read_adapter(out["lora_ema_bf16.safetensors"]), out) if diffusers else out
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Adapter files (ours, diffusers' and ComfyUI's), and merging them into a base
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Adapter:
+    """One low-rank adapter: official module name -> (A [rank, in], B [out, rank]); W' = W + alpha/rank * B @ A."""
+    modules: dict
+    rank: int
+    alpha: float
+    metadata: dict  # str -> str, from the file (ours: provenance, see the module docstring)
+
+    def state_dict(self, adapter_name="default"):
+        """Our layout, the keys of `lora.lora_state_dict`."""
+        out = {}
+        for module, (A, B) in self.modules.items():
+            out[f"{module}.lora_A.{adapter_name}.weight"] = A
+            out[f"{module}.lora_B.{adapter_name}.weight"] = B
+        return out
+
+
+# layout -> the pattern of its keys: the module, its part (A, B, or ComfyUI's down/up/alpha), our adapter name
+ADAPTER_KEYS = {
+    "ours": re.compile(r"^(?:net\.)?(?P<module>.+)\.lora_(?P<part>[AB])\.(?P<name>[^.]+)\.weight$"),
+    "diffusers": re.compile(r"^(?:transformer\.)?(?P<module>.+)\.lora_(?P<part>[AB])\.weight$"),
+    "comfyui": re.compile(r"^diffusion_model\.(?P<module>.+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$"),
+}
+COMFYUI_PARTS = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha"}
+
+
+def read_adapter(path):
+    """An adapter file in one of the layouts this file writes (ours, diffusers', ComfyUI's), told by its keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.suffix == ".safetensors":
+        with safe_open(path, framework="pt") as f:
+            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    else:
+        tensors, metadata = load_checkpoint_file(path), {}
+    parts, alphas, layouts, names = {}, {}, set(), set()
+    for key, value in tensors.items():
+        for layout, pattern in ADAPTER_KEYS.items():
+            if m := pattern.match(key):
+                break
+        else:
+            raise ValueError(f"{path}: {key!r} is not a LoRA weight; an adapter file has only "
+                             f"`[net.]<module>.lora_A|lora_B.<name>.weight` (ours), "
+                             f"`transformer.<module>.lora_A|lora_B.weight` (diffusers) or "
+                             f"`diffusion_model.<module>.lora_down|lora_up.weight|alpha` (ComfyUI) keys")
+        layouts.add(layout)
+        module, part = m["module"], COMFYUI_PARTS.get(m["part"], m["part"])
+        if layout == "ours":
+            names.add(m["name"])
+        elif layout == "diffusers":
+            module = rename_module(module, "official")
+        if part == "alpha":
+            alphas[module] = value.item()
+        else:
+            parts.setdefault(module, {})[part] = value
+    if len(layouts) > 1 or len(names) > 1:
+        raise ValueError(f"{path} mixes adapter layouts {sorted(layouts)} or adapter names {sorted(names)}")
+    layout = layouts.pop() if layouts else None
+    if layout == "ours":
+        alpha = metadata.get("lora_alpha")
+    elif layout == "diffusers":
+        config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+        if config.get("transformer.rank_pattern") or config.get("transformer.alpha_pattern"):
+            raise ValueError(f"{path}: per-module ranks or alphas (rank_pattern/alpha_pattern) are not supported")
+        alpha = config.get("transformer.lora_alpha")
+    else:  # ComfyUI's, or no LoRA weights at all (said below)
+        if len(set(alphas.values())) > 1:
+            raise ValueError(f"{path}: per-module alphas are not supported (found {sorted(set(alphas.values()))})")
+        alpha = next(iter(alphas.values()), None)
+
+    modules, ranks = {}, set()
+    for module, ab in parts.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{path}: module {module} has lora_{''.join(ab)} but not both lora_A and lora_B")
+        A, B = ab["A"], ab["B"]
+        if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
+            raise ValueError(f"{path}: {module} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, "
+                             f"expected [r, in] and [out, r]")
+        modules[module] = (A, B)
+        ranks.add(A.shape[0])
+    if len(ranks) != 1:
+        raise ValueError(f"{path}: expected one LoRA rank, found {sorted(ranks) or 'no LoRA weights'}")
+    rank = ranks.pop()
+    return Adapter(modules, rank, float(rank if alpha is None else alpha), metadata)
+
+
+def check_adapter_base(adapter, path, base, fingerprint, force):
+    """An adapter of ours records the fingerprint of the base it was trained on: another base is refused, or with
+    `force` taken with a warning (adapters of other tools record none)."""
+    recorded = adapter.metadata.get("base_fingerprint")
+    if recorded and recorded != fingerprint:
+        trained_on = adapter.metadata.get("base_checkpoint") or "a random init"
+        message = f"adapter {path} was trained on {trained_on} (fingerprint {recorded}), not on {base} ({fingerprint})"
+        if not force:
+            raise ValueError(f"{message}; pass --force to use it anyway")
+        print(f"warning: {message}; using it anyway (--force)")
+
+
 def write_translations(adapter, out):
-    """--diffusers: the adapter of lora_ema_bf16.safetensors in diffusers' and ComfyUI's layouts."""
-    tensors, metadata = adapter_to_diffusers(adapter)
-    save_safetensors(tensors, out["lora_ema_bf16_diffusers.safetensors"], metadata)
-    save_safetensors(adapter_to_comfyui(adapter), out["lora_ema_bf16_comfyui.safetensors"], adapter.metadata)
+    """--diffusers: the adapter in diffusers' layout (PEFT keys under `transformer.`, and in
+    `lora_adapter_metadata` the LoraConfig `load_lora_weights` builds) and in ComfyUI's."""
+    theirs, comfyui = {}, {}
+    for module, (A, B) in adapter.modules.items():
+        name = rename_module(module, "diffusers")
+        theirs[f"transformer.{name}.lora_A.weight"] = A
+        theirs[f"transformer.{name}.lora_B.weight"] = B
+        comfyui[f"diffusion_model.{module}.lora_down.weight"] = A
+        comfyui[f"diffusion_model.{module}.lora_up.weight"] = B
+        comfyui[f"diffusion_model.{module}.alpha"] = torch.tensor(adapter.alpha, dtype=torch.float32)
+    config = {"transformer.r": adapter.rank, "transformer.lora_alpha": adapter.alpha,
+              "transformer.target_modules": sorted(rename_module(m, "diffusers") for m in adapter.modules)}
+    save(out["lora_ema_bf16_diffusers.safetensors"], theirs,
+         {**adapter.metadata, "lora_adapter_metadata": json.dumps(config)})
+    save(out["lora_ema_bf16_comfyui.safetensors"], comfyui, adapter.metadata)
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 7. Merge: base + adapters -> plain weights
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def merge(base, loras, output, force=False, overwrite=False):
-    """Fold adapters [(file, scale)] into an official-layout base: W + sum_i scale_i * alpha_i/rank_i * B_i @ A_i,
-    summed in fp32 and rounded to the base's dtype once. Writes `net.<key>` plain weights."""
+    """Fold LoRA adapters (file, scale) into an official-layout base: W + the sum of scale * alpha/rank * B @ A over
+    the adapters, in fp32, rounded to the base's dtype once. Writes plain weights under `net.`, loadable anywhere a
+    released checkpoint is."""
     output = Path(output)
     refuse_existing([output], overwrite)
     weights = load_checkpoint_file(base, prefix="net.")
@@ -550,74 +443,65 @@ def merge(base, loras, output, force=False, overwrite=False):
         for factor, A, B in adapters:
             w.addmm_(B.float(), A.float(), alpha=factor)
         merged[key] = w.to(weights[key].dtype)
-    save_torch(with_prefix("net.", merged), output)
+    save(output, with_prefix("net.", merged))
     return output
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 8. diffusers CosmosTransformer3DModel folders (config.json + safetensors) <-> official-layout files
+# diffusers CosmosTransformer3DModel folders (config.json + safetensors) <-> official-layout files
 # ----------------------------------------------------------------------------------------------------------------
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = DIFFUSERS_WEIGHTS + ".index.json"
+# diffusers config key -> DiTConfig field(s); in_channels, attention_head_dim and the rest are derived below
+DIFFUSERS_CONFIG = {
+    "out_channels": "out_channels", "num_attention_heads": "num_heads", "num_layers": "num_blocks",
+    "mlp_ratio": "mlp_ratio", "text_embed_dim": "crossattn_emb_channels", "adaln_lora_dim": "adaln_lora_dim",
+    "concat_padding_mask": "concat_padding_mask", "use_crossattn_projection": "use_crossattn_projection",
+    "crossattn_proj_in_channels": "crossattn_proj_in_channels",
+    "max_size": ("max_frames", "max_img_h", "max_img_w"),
+    "patch_size": ("patch_temporal", "patch_spatial", "patch_spatial"),
+    "rope_scale": ("rope_t_extrapolation_ratio", "rope_h_extrapolation_ratio", "rope_w_extrapolation_ratio"),
+}
+# what a config.json without these keys means to diffusers
+DIFFUSERS_DEFAULTS = {"_class_name": "CosmosTransformer3DModel", "extra_pos_embed_type": "learnable",
+                      "controlnet_block_every_n": None, "img_context_dim_in": None}
 
 
 def diffusers_config(cfg: DiTConfig):
-    return {"_class_name": "CosmosTransformer3DModel",
-            "in_channels": cfg.in_channels + 1,  # diffusers counts the condition-mask channel in
-            "out_channels": cfg.out_channels, "num_attention_heads": cfg.num_heads,
-            "attention_head_dim": cfg.head_dim, "num_layers": cfg.num_blocks, "mlp_ratio": cfg.mlp_ratio,
-            "text_embed_dim": cfg.crossattn_emb_channels, "adaln_lora_dim": cfg.adaln_lora_dim,
-            "max_size": [cfg.max_frames, cfg.max_img_h, cfg.max_img_w],
-            "patch_size": [cfg.patch_temporal, cfg.patch_spatial, cfg.patch_spatial],
-            "rope_scale": [cfg.rope_t_extrapolation_ratio, cfg.rope_h_extrapolation_ratio,
-                           cfg.rope_w_extrapolation_ratio],
-            "concat_padding_mask": cfg.concat_padding_mask, "extra_pos_embed_type": None,
-            "use_crossattn_projection": cfg.use_crossattn_projection,
-            "crossattn_proj_in_channels": cfg.crossattn_proj_in_channels,
-            "encoder_hidden_states_channels": cfg.crossattn_emb_channels}
+    config = {"_class_name": "CosmosTransformer3DModel",
+              "in_channels": cfg.in_channels + 1,  # diffusers counts the condition-mask channel in
+              "attention_head_dim": cfg.head_dim, "extra_pos_embed_type": None,
+              "encoder_hidden_states_channels": cfg.crossattn_emb_channels}
+    for key, field in DIFFUSERS_CONFIG.items():
+        config[key] = [getattr(cfg, f) for f in field] if isinstance(field, tuple) else getattr(cfg, field)
+    return config
 
 
 def dit_config_from_diffusers(config, source):
-    def need(key):
-        if key not in config:
-            raise ValueError(f"{source} lacks {key!r}")
-        return config[key]
-
-    need("extra_pos_embed_type")  # absent means diffusers' default, "learnable"
-    extras = {k: config[k] for k in ("extra_pos_embed_type", "controlnet_block_every_n", "img_context_dim_in")
-              if config.get(k) is not None}  # a Predict2.5 base has no learnable position embedding, no ControlNet
-    if config.get("_class_name", "CosmosTransformer3DModel") != "CosmosTransformer3DModel" or extras:
-        raise ValueError(f"{source} is not a Cosmos-Predict2.5 base transformer ({config.get('_class_name')}, "
-                         f"{extras})")
-    pt, ph, pw = need("patch_size")
-    frames, height, width = need("max_size")
-    rope_t, rope_h, rope_w = need("rope_scale")
-    if ph != pw:
-        raise ValueError(f"{source}: non-square patch_size {need('patch_size')}")
-    if need("use_crossattn_projection") and need("encoder_hidden_states_channels") != need("text_embed_dim"):
-        raise ValueError(f"{source}: encoder_hidden_states_channels must equal text_embed_dim")
-    return DiTConfig(max_img_h=height, max_img_w=width, max_frames=frames, in_channels=need("in_channels") - 1,
-                     out_channels=need("out_channels"), patch_spatial=ph, patch_temporal=pt,
-                     concat_padding_mask=need("concat_padding_mask"),
-                     model_channels=need("num_attention_heads") * need("attention_head_dim"),
-                     num_blocks=need("num_layers"), num_heads=need("num_attention_heads"), mlp_ratio=need("mlp_ratio"),
-                     crossattn_emb_channels=need("text_embed_dim"),
-                     use_crossattn_projection=need("use_crossattn_projection"),
-                     crossattn_proj_in_channels=need("crossattn_proj_in_channels"),
-                     adaln_lora_dim=need("adaln_lora_dim"), rope_h_extrapolation_ratio=rope_h,
-                     rope_w_extrapolation_ratio=rope_w, rope_t_extrapolation_ratio=rope_t)
-
-
-def official_shapes(cfg):
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in DiT(cfg).state_dict().items()}
+    """The DiTConfig of a diffusers config.json, which diffusers_config must write back as it is: a Predict2.5 base
+    transformer (no learnable position embedding, no ControlNet, square patches)."""
+    missing = [k for k in [*DIFFUSERS_CONFIG, "in_channels", "attention_head_dim"] if k not in config]
+    if missing:
+        raise ValueError(f"{source} lacks {', '.join(map(repr, missing))}")
+    fields = {"in_channels": config["in_channels"] - 1,
+              "model_channels": config["num_attention_heads"] * config["attention_head_dim"]}
+    for key, field in DIFFUSERS_CONFIG.items():
+        if isinstance(field, tuple):
+            fields.update(zip(field, config[key]))
+        else:
+            fields[field] = config[key]
+    cfg = DiTConfig(**fields)
+    given, expected = {**DIFFUSERS_DEFAULTS, **config}, {**DIFFUSERS_DEFAULTS, **diffusers_config(cfg)}
+    wrong = [f"{k} {given.get(k)!r}, expected {v!r}" for k, v in expected.items() if given.get(k) != v]
+    if wrong:
+        raise ValueError(f"{source} is not a Cosmos-Predict2.5 base transformer: {'; '.join(wrong)}")
+    return cfg
 
 
 def import_diffusers(folder, output, overwrite=False):
-    """A diffusers CosmosTransformer3DModel folder (one safetensors file or shards with an index) -> `net.<key>`.
-    The RoPE tables and bookkeeping counters, which diffusers does not store, stay absent (our loader computes
-    them)."""
+    """A diffusers CosmosTransformer3DModel folder (config.json + safetensors, sharded or not) -> one official-layout
+    .pt file (`net.<key>`), without the RoPE tables and counters diffusers does not store (our loader makes them)."""
     folder, output = Path(folder), Path(output)
     refuse_existing([output], overwrite)
     if not (folder / "config.json").is_file():
@@ -629,22 +513,21 @@ def import_diffusers(folder, output, overwrite=False):
         files = [DIFFUSERS_WEIGHTS]
     else:
         raise FileNotFoundError(f"{folder} has neither {DIFFUSERS_WEIGHTS} nor {DIFFUSERS_INDEX}")
-    tensors = {}
+    state_dict = {}
     for name in files:
         with safe_open(folder / name, framework="pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
-    state_dict = dit_from_diffusers(tensors)
-    expected = {k: v for k, v in official_shapes(cfg).items() if not DIT_OFFICIAL_ONLY.match(k)}
-    problems = compare_keys(state_dict, expected)
-    if any(problems):
-        raise ValueError(f"{folder} does not match its config.json:\n{key_report(*problems)}")
-    save_torch(with_prefix("net.", state_dict), output)
+            for key in f.keys():
+                module, suffix = key.rsplit(".", 1)
+                state_dict[f"{rename_module(module, 'official')}.{suffix}"] = f.get_tensor(key)
+    expected = {k: v for k, v in official_shapes(cfg).items() if k not in DIT_OFFICIAL_ONLY}
+    check_keys(state_dict, expected, f"{folder} does not match its config.json", ValueError)
+    save(output, with_prefix("net.", state_dict))
     return output
 
 
 def export_diffusers(checkpoint, folder, overwrite=False):
-    """An official-layout file (plain weights) -> a diffusers CosmosTransformer3DModel folder. The config is the
-    preset whose shapes the file has (cosmos_2b, cosmos_14b, tiny)."""
+    """An official-layout .pt file of plain weights -> a diffusers CosmosTransformer3DModel folder (config.json +
+    diffusion_pytorch_model.safetensors) of the preset whose shapes the file has. Fold adapters in with `merge`."""
     folder = Path(folder)
     out = [folder / "config.json", folder / DIFFUSERS_WEIGHTS, folder / DIFFUSERS_INDEX]
     refuse_existing(out, overwrite)
@@ -653,18 +536,17 @@ def export_diffusers(checkpoint, folder, overwrite=False):
         raise ValueError(f"{checkpoint} holds LoRA adapter keys; fold them into plain weights first "
                          f"(`convert.py merge --base BASE --lora lora_ema_bf16.safetensors -o merged.pt`)")
     cfg = infer_dit_config(state_dict, checkpoint)
-    problems = compare_keys(state_dict, official_shapes(cfg), OPTIONAL_KEYS)
-    if any(problems):
-        raise ValueError(f"{checkpoint} is not a complete DiT checkpoint:\n{key_report(*problems)}")
+    check_keys(state_dict, official_shapes(cfg), f"{checkpoint} is not a complete DiT checkpoint", ValueError,
+               optional=DIT_OFFICIAL_ONLY)
     folder.mkdir(parents=True, exist_ok=True)
     out[2].unlink(missing_ok=True)  # a stale shard index would shadow the new single file
-    save_safetensors({k: v.contiguous() for k, v in dit_to_diffusers(state_dict).items()}, out[1], {})
-    write_file(out[0], lambda tmp: tmp.write_text(json.dumps(diffusers_config(cfg), indent=2) + "\n"))
+    save(out[1], {k: v.contiguous() for k, v in dit_to_diffusers(state_dict).items()})
+    save(out[0], diffusers_config(cfg))
     return folder
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 9. Command line
+# Command line
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -685,48 +567,35 @@ def parse_lora_arg(spec):
 
 
 def main(argv):
-    if argv and argv[0] == "merge":
-        p = argparse.ArgumentParser(prog="convert.py merge", description=(
-            "Fold LoRA adapters into a base: W + scale * alpha/rank * B @ A for each adapted module; writes plain "
-            "weights under `net.` (the official layout), loadable anywhere a released checkpoint is."))
-        p.add_argument("--base", required=True, help="official-layout base checkpoint (e.g. *_ema_bf16.pt)")
-        p.add_argument("--lora", required=True, action="append", type=parse_lora_arg, metavar="FILE[:SCALE]",
-                       help="adapter file (ours, diffusers' or ComfyUI's) and its scale (default 1); repeatable")
-        p.add_argument("-o", "--output", required=True, help="output .pt file")
-        p.add_argument("--force", action="store_true", help="merge an adapter trained on another base")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-        a = p.parse_args(argv[1:])
-        return merge(a.base, a.lora, a.output, force=a.force, overwrite=a.overwrite)
-    if argv and argv[0] == "import-diffusers":
-        p = argparse.ArgumentParser(prog="convert.py import-diffusers", description=(
-            "A diffusers CosmosTransformer3DModel folder (config.json + safetensors, sharded or not) -> one "
-            "official-layout .pt file (`net.<key>`)."))
-        p.add_argument("folder")
-        p.add_argument("-o", "--output", required=True, help="output .pt file")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-        a = p.parse_args(argv[1:])
-        return import_diffusers(a.folder, a.output, overwrite=a.overwrite)
-    if argv and argv[0] == "export-diffusers":
-        p = argparse.ArgumentParser(prog="convert.py export-diffusers", description=(
-            "An official-layout .pt file of plain weights -> a diffusers CosmosTransformer3DModel folder "
-            f"(config.json + {DIFFUSERS_WEIGHTS}). Fold adapters in with `merge` first."))
-        p.add_argument("checkpoint")
-        p.add_argument("-o", "--output", required=True, help="output folder")
-        p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-        a = p.parse_args(argv[1:])
-        return export_diffusers(a.checkpoint, a.output, overwrite=a.overwrite)
-    p = argparse.ArgumentParser(prog="convert.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description=__doc__,
-                                epilog="`convert.py merge|import-diffusers|export-diffusers --help` for the others.")
-    p.add_argument("checkpoint", help="train.py checkpoint folder .../checkpoints/iter_000001000 (or its /model)")
-    p.add_argument("out_dir", nargs="?", help="output folder (default: the checkpoint folder)")
-    p.add_argument("--base", help="base checkpoint to use instead of the one named in meta.json")
-    p.add_argument("--force", action="store_true", help="accept a base whose fingerprint differs from the recorded")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    p.add_argument("--diffusers", action="store_true", help="also write the adapter for diffusers and ComfyUI")
-    a = p.parse_args(argv)
-    return convert_checkpoint(a.checkpoint, a.out_dir, base=a.base, force=a.force, overwrite=a.overwrite,
-                              diffusers=a.diffusers)
+    raw = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="convert.py", description=__doc__, formatter_class=raw)
+    commands = p.add_subparsers(dest="command")
+    c = commands.add_parser("convert", description=__doc__, formatter_class=raw)
+    c.add_argument("checkpoint", help="train.py checkpoint folder .../checkpoints/iter_000001000 (or its /model)")
+    c.add_argument("out_dir", nargs="?", help="output folder (default: the checkpoint folder)")
+    c.add_argument("--base", help="base checkpoint to use instead of the one named in meta.json")
+    c.add_argument("--diffusers", action="store_true", help="also write the adapter for diffusers and ComfyUI")
+    m = commands.add_parser("merge", description=merge.__doc__)
+    m.add_argument("--base", required=True, help="official-layout base checkpoint (e.g. *_ema_bf16.pt)")
+    m.add_argument("--lora", dest="loras", required=True, action="append", type=parse_lora_arg, metavar="FILE[:SCALE]",
+                   help="adapter file (ours, diffusers' or ComfyUI's) and its scale (default 1); repeatable")
+    m.add_argument("-o", "--output", required=True, help="output .pt file")
+    i = commands.add_parser("import-diffusers", description=import_diffusers.__doc__)
+    i.add_argument("folder")
+    i.add_argument("-o", "--output", required=True, help="output .pt file")
+    e = commands.add_parser("export-diffusers", description=export_diffusers.__doc__)
+    e.add_argument("checkpoint")
+    e.add_argument("-o", "--output", dest="folder", required=True, help="output folder")
+    for sub in (c, m):
+        sub.add_argument("--force", action="store_true", help="use a base other than the recorded one (by fingerprint)")
+    for sub in (c, m, i, e):
+        sub.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    if not argv or argv[0] not in [*commands.choices, "-h", "--help"]:
+        argv = ["convert", *argv]  # `convert.py CKPT ...` is `convert.py convert CKPT ...`
+    args = vars(p.parse_args(argv))
+    run = {"convert": convert_checkpoint, "merge": merge, "import-diffusers": import_diffusers,
+           "export-diffusers": export_diffusers}[args.pop("command")]
+    return run(**args)
 
 
 if __name__ == "__main__":

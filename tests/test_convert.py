@@ -4,6 +4,7 @@ and the error of each bad input."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -286,8 +287,8 @@ def test_diffusers_folder_import_export_is_the_identity(tmp_path):
             p.normal_()
     original.save_pretrained(tmp_path / "theirs", max_shard_size="1MB")  # sharded, with an index
     assert (tmp_path / "theirs" / convert.DIFFUSERS_INDEX).is_file()
-    import_diffusers(tmp_path / "theirs", tmp_path / "official.pt")
-    export_diffusers(tmp_path / "official.pt", tmp_path / "ours")
+    convert.main(["import-diffusers", str(tmp_path / "theirs"), "-o", str(tmp_path / "official.pt")])
+    convert.main(["export-diffusers", str(tmp_path / "official.pt"), "-o", str(tmp_path / "ours")])
     back = CosmosTransformer3DModel.from_pretrained(tmp_path / "ours")
     public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
     assert public(back.config) == public(original.config)
@@ -299,7 +300,7 @@ def test_official_to_diffusers_to_official_is_the_identity(base_file, tmp_path):
     export_diffusers(base_file, tmp_path / "folder")
     import_diffusers(tmp_path / "folder", tmp_path / "back.pt")
     original, back = load_checkpoint_file(base_file), load_checkpoint_file(tmp_path / "back.pt")
-    kept = {k for k in original if not DIT_OFFICIAL_ONLY.match(k.removeprefix("net."))}
+    kept = {k for k in original if k.removeprefix("net.") not in DIT_OFFICIAL_ONLY}
     assert back.keys() == kept and all(torch.equal(back[k], original[k]) for k in kept)
     config = json.loads((tmp_path / "folder" / "config.json").read_text())
     assert config["in_channels"] == 17 and config["rope_scale"] == [1.0, 3.0, 3.0]
@@ -315,9 +316,24 @@ def test_diffusers_folders_refuse_what_they_cannot_hold(converted, base_file, tm
     with pytest.raises(FileExistsError, match="--overwrite"):
         export_diffusers(base_file, tmp_path / "folder")
     config = json.loads((tmp_path / "folder" / "config.json").read_text())
-    (tmp_path / "folder" / "config.json").write_text(json.dumps({**config, "extra_pos_embed_type": "learnable"}))
-    with pytest.raises(ValueError, match="not a Cosmos-Predict2.5 base transformer"):
+    without_pos_embed = {k: v for k, v in config.items() if k != "extra_pos_embed_type"}  # diffusers: "learnable"
+    without_layers = {k: v for k, v in config.items() if k != "num_layers"}
+    for bad, message in (({**config, "extra_pos_embed_type": "learnable"}, "extra_pos_embed_type 'learnable'"),
+                         (without_pos_embed, "extra_pos_embed_type 'learnable', expected None"),
+                         ({**config, "patch_size": [1, 2, 3]}, "patch_size [1, 2, 3], expected [1, 3, 3]"),
+                         ({**config, "encoder_hidden_states_channels": 64}, "encoder_hidden_states_channels 64")):
+        (tmp_path / "folder" / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=re.escape(f"not a Cosmos-Predict2.5 base transformer: {message}")):
+            import_diffusers(tmp_path / "folder", tmp_path / "back.pt")
+    (tmp_path / "folder" / "config.json").write_text(json.dumps(without_layers))
+    with pytest.raises(ValueError, match="config.json lacks 'num_layers'"):
         import_diffusers(tmp_path / "folder", tmp_path / "back.pt")
+    incomplete = load_checkpoint_file(base_file)
+    del incomplete["net.final_layer.linear.weight"]
+    torch.save(incomplete, tmp_path / "incomplete.pt")
+    with pytest.raises(ValueError, match=re.escape("incomplete.pt is not a complete DiT checkpoint: missing keys (1): "
+                                                   "['final_layer.linear.weight']")):
+        export_diffusers(tmp_path / "incomplete.pt", tmp_path / "other")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -337,11 +353,19 @@ def test_not_a_checkpoint_folder_fails_on_the_command_line(tmp_path):
             f"it stay there (model_ema_bf16.pt)") in result.stderr
 
 
-def test_base_of_another_model_size(lora_ckpt, tmp_path):
+def test_base_of_another_model_size(lora_ckpt, base_file, converted, tmp_path):
     other = save_base(tmp_path / "other.pt", seed=1, cfg=replace(small_config(), crossattn_proj_in_channels=256))
     with pytest.raises(ValueError, match="another model size") as info:
         convert_checkpoint(lora_ckpt, tmp_path / "out", base=other, force=True)
     assert "mis-shaped" in str(info.value) and str(other) in str(info.value)
+    assert not (tmp_path / "out").exists()
+    partial = load_checkpoint_file(base_file)
+    del partial["net.final_layer.linear.weight"]
+    torch.save(partial, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match=re.escape("missing keys (1): ['final_layer.linear.weight']")):
+        convert_checkpoint(lora_ckpt, tmp_path / "out", base=tmp_path / "partial.pt", force=True)
+    with pytest.raises(ValueError, match=r"unexpected keys \(80\): \['blocks.0.self_attn.q_proj.lora_A.default"):
+        convert_checkpoint(lora_ckpt, tmp_path / "out", base=converted / "model_ema_bf16.pt", force=True)
     assert not (tmp_path / "out").exists()
 
 
