@@ -1,7 +1,11 @@
-"""Everything about data, top to bottom: 1. video I/O with PyAV (a window of frames by seeking, resize, mp4);
-2. the reference's dataset layout, `<dataset>/videos/*.mp4` with one caption per video in `<dataset>/metas/<name>.txt`,
-and the `prompts` and `check` commands; 3. the `cache` of VAE latents and text embeddings; 4. what train.py reads
-(`VideoDataset`, `CachedDataset`, `CachedSampler`); 5. the synthetic `demo` data. `python prep_data.py --help`.
+"""Everything about data, top to bottom (`python prep_data.py --help` for the command line):
+
+1. video and image I/O with PyAV: a window of frames (seeking, not decoding whole files), resize, write mp4;
+2. the reference's layout, `<dataset>/videos/*.mp4` and one caption per video in `<dataset>/metas/<name>.txt`,
+   and the `prompts` and `check` commands;
+3. `cache`: VAE latents of fixed clips and text embeddings of unique captions, encoded once, to safetensors;
+4. what train.py reads: `VideoDataset` (raw mp4s), `CachedDataset` and `CachedSampler` (seeded, sharded, resumable);
+5. `demo`: synthetic clips made with numpy, the teal robot and the "shapes world".
 """
 
 import argparse
@@ -292,8 +296,8 @@ def load_tokenizer(path):
 
 
 def check_dataset(dataset_path, num_frames=93, video_size=(704, 1280), tokenizer=None):
-    """Print one line per video and return the list of problems that would break or degrade training (empty when
-    the dataset is ready). With a tokenizer, captions are counted in the tokens the text encoder sees."""
+    """Print one line per video, then the problems that would break or degrade training, and return them (empty
+    when the dataset is ready). With a tokenizer, captions are counted in the tokens the text encoder sees."""
     videos = list_videos(dataset_path)
     problems = []
     print(f"{'video':<32} {'frames':>6} {'fps':>6} {'WxH':>9} {'seconds':>7} {'codec':<6} {'clip':<5} caption")
@@ -327,6 +331,11 @@ def check_dataset(dataset_path, num_frames=93, video_size=(704, 1280), tokenizer
     if tokenizer is None:
         print("caption token counts skipped: pass --tokenizer <tokenizer.json or text encoder folder>")
     print(f"training resizes every clip to --video_size {video_size[0]},{video_size[1]} (H,W)")
+    if problems:
+        print(f"\n{len(problems)} problem(s) would break or degrade training:")
+        print("\n".join(f"  - {p}" for p in problems))
+    else:
+        print("\nready for training")
     return problems
 
 
@@ -483,12 +492,16 @@ def write_safetensors(tensors, path, metadata=None):
     path.chmod(mode)
 
 
-def _write_atomic(path, write):
-    """write(<path>.partial), then rename it to `path`: a killed run leaves no file that looks finished."""
+def write_atomic(path, write):
+    """write(<path>.partial), then rename it to `path`: an interrupted run never leaves a file that looks finished."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    write(partial)
-    os.replace(partial, path)
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def embed_texts(load_text_encoder, texts, show_progress=False):
@@ -511,7 +524,7 @@ def encode_captions(plan, load_text_encoder, captions, show_progress=True):
     """Embed each caption with the text encoder that `load_text_encoder()` builds and save it as bf16 [L,D]."""
     for caption, emb_L_D in embed_texts(load_text_encoder, captions, show_progress):
         tensors = {"text_emb": emb_L_D.to(torch.bfloat16).contiguous()}
-        _write_atomic(plan.text_path(caption), lambda p: write_safetensors(tensors, p, plan.text_meta(caption)))
+        write_atomic(plan.text_path(caption), lambda tmp: write_safetensors(tensors, tmp, plan.text_meta(caption)))
 
 
 def load_clip(plan, clip):
@@ -537,7 +550,7 @@ def encode_clips(plan, vae, clips, show_progress=True):
             if i + 1 < len(clips):
                 pending = pool.submit(load_clip, plan, clips[i + 1])
             tensors = {"latents": encode_clip(vae, frames).to(torch.bfloat16).cpu().contiguous()}
-            _write_atomic(plan.latent_path(clip), lambda p: write_safetensors(tensors, p, plan.latent_meta(clip)))
+            write_atomic(plan.latent_path(clip), lambda tmp: write_safetensors(tensors, tmp, plan.latent_meta(clip)))
 
 
 def write_manifest(plan):
@@ -557,7 +570,7 @@ def write_manifest(plan):
                    "num_frames": plan.num_frames, "fps": c.fps} for c in plan.clips],
     }
     path = plan.cache_dir / "manifest.json"
-    _write_atomic(path, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
     return path
 
 
@@ -625,16 +638,13 @@ class CachedDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.clips)
 
-    def _tensor(self, rel, key):
-        with safe_open(self.cache_dir / rel, "pt") as f:
-            return f.get_tensor(key)
-
     def __getitem__(self, i):
-        clip = self.clips[i]
-        return {"latents": self._tensor(clip["latents"], "latents"),  # bf16 [16,T',H/8,W/8]
-                "text_emb": self._tensor(clip["text_emb"], "text_emb"),  # bf16 [L,D]
-                "caption": clip["caption"], "num_frames": clip["num_frames"], "fps": clip["fps"],
-                "source": clip["source"], "start_frame": clip["start_frame"]}
+        """The manifest's entry, with its latents (bf16 [16,T',H/8,W/8]) and text_emb (bf16 [L,D]) read."""
+        item = dict(self.clips[i])
+        for key in ("latents", "text_emb"):
+            with safe_open(self.cache_dir / item[key], "pt") as f:
+                item[key] = f.get_tensor(key)
+        return item
 
 
 class CachedSampler:
@@ -846,26 +856,30 @@ training_size = checked(parse_size, lambda hw: min(hw) >= 16 and hw[0] % 16 == h
                         "H and W positive multiples of 16 (the VAE's 8x times the DiT's 2x2 patches)")
 
 
+# Each command's docstring is its --help description.
+
+
 def cmd_prompts(args):
+    """Write the same caption for every video lacking one (the reference's create_prompts_for_nemo_assets.py).
+    Existing captions are kept."""
     write_prompts(args.dataset_path, args.prompt, args.overwrite)
     return 0
 
 
 def cmd_check(args):
+    """Open every video (header, first and last frame) and caption. Reports frames, fps, size, duration, codec,
+    whether one clip fits, and missing, empty or too long captions. Exits 1 with a summary when there are problems."""
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-    problems = check_dataset(args.dataset_path, args.num_frames, args.video_size, tokenizer)
-    if problems:
-        print(f"\n{len(problems)} problem(s) would break or degrade training:")
-        for p in problems:
-            print(f"  - {p}")
-        return 1
-    print("\nready for training")
-    return 0
+    return 1 if check_dataset(args.dataset_path, args.num_frames, args.video_size, tokenizer) else 0
 
 
 def cmd_cache(args):
-    """Text encoder first (built, used for every caption, freed), then the VAE: peak memory is the larger of the
-    two. Under torchrun each rank takes every world_size-th item; rank 0 writes the manifest once all are done."""
+    """Write VAE latents of fixed clips and text embeddings of unique captions to
+    <dataset>/cache/<frames>f_<H>x<W>_<resize>/ (bf16 safetensors + manifest.json). Clips: back-to-back windows by
+    default (stride = num_frames), or --stride S, or --clips_per_video N evenly spaced windows. Re-running skips
+    finished files. The text encoder runs first and is freed before the VAE is built, so peak memory is the larger
+    of the two. Under torchrun each rank takes every world_size-th item; rank 0 writes the manifest once all are
+    done."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -902,6 +916,9 @@ def cmd_cache(args):
 
 
 def cmd_demo(args):
+    """Procedural clips made with numpy: 'robot' = a teal robot moving over varied backgrounds with 'A video of sks
+    teal robot...' captions (the LoRA demo); 'shapes' = coloured circles, squares and triangles with captions naming
+    colour, shape and motion (for pretraining a tiny base model; never teal, never a robot)."""
     write_synthetic_dataset(args.out, args.kind, args.num_videos, args.num_frames, args.size, args.fps, args.seed)
     return 0
 
@@ -921,8 +938,8 @@ def build_parser():
                "  torchrun --nproc_per_node=8 prep_data.py cache ...   (shards the clips across GPUs)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
-    def command(name, func, help, description, dataset=True, clip=True):
-        p = sub.add_parser(name, help=help, description=description)
+    def command(name, func, help, dataset=True, clip=True):
+        p = sub.add_parser(name, help=help, description=func.__doc__)
         p.set_defaults(func=func)
         if dataset:
             p.add_argument("--dataset_path", required=True, help="dataset folder holding videos/ and metas/")
@@ -933,24 +950,15 @@ def build_parser():
                            help="training resolution (default 704,1280)")
         return p
 
-    p = command("prompts", cmd_prompts, "write metas/<name>.txt for videos that have no caption",
-                "Write the same caption for every video lacking one (the reference's "
-                "create_prompts_for_nemo_assets.py). Existing captions are kept.", clip=False)
+    p = command("prompts", cmd_prompts, "write metas/<name>.txt for videos that have no caption", clip=False)
     p.add_argument("--prompt", default="A video of sks teal robot.", help="the caption (default: %(default)r)")
     p.add_argument("--overwrite", action="store_true", help="replace existing captions too")
 
-    p = command("check", cmd_check, "report every video and caption; exit 1 if anything would break training",
-                "Open every video (header, first and last frame) and caption. Reports frames, fps, size, duration, "
-                "codec, whether one clip fits, and missing, empty or too long captions. Exits 1 with a summary when "
-                "there are problems.")
+    p = command("check", cmd_check, "report every video and caption; exit 1 if anything would break training")
     p.add_argument("--tokenizer", help="tokenizer.json or the text encoder folder, to count caption tokens "
                                        f"(more than {MAX_TEXT_TOKENS} are truncated); skipped without it")
 
-    p = command("cache", cmd_cache, "encode clips with the VAE and captions with the text encoder, once",
-                "Write VAE latents of fixed clips and text embeddings of unique captions to "
-                "<dataset>/cache/<frames>f_<H>x<W>_<resize>/ (bf16 safetensors + manifest.json). Clips: back-to-back "
-                "windows by default (stride = num_frames), or --stride S, or --clips_per_video N evenly spaced "
-                "windows. Re-running skips finished files.")
+    p = command("cache", cmd_cache, "encode clips with the VAE and captions with the text encoder, once")
     p.add_argument("--vae", required=True, help="Wan2.1 VAE weights (tokenizer.pth)")
     p.add_argument("--text_encoder", required=True, help="Cosmos-Reason1-7B folder (safetensors + tokenizer.json)")
     choice = p.add_mutually_exclusive_group()
@@ -960,11 +968,7 @@ def build_parser():
     p.add_argument("--resize", choices=RESIZE_MODES, default="stretch",
                    help="stretch: straight to H,W like the reference (default); crop: keep aspect, center crop")
 
-    p = command("demo", cmd_demo, "write a small synthetic dataset (no downloads)",
-                "Procedural clips made with numpy: 'robot' = a teal robot moving over varied backgrounds with 'A "
-                "video of sks teal robot...' captions (the LoRA demo); 'shapes' = coloured circles, squares and "
-                "triangles with captions naming colour, shape and motion (for pretraining a tiny base model; never "
-                "teal, never a robot).", dataset=False, clip=False)
+    p = command("demo", cmd_demo, "write a small synthetic dataset (no downloads)", dataset=False, clip=False)
     p.add_argument("--out", default="datasets/demo", help="output dataset folder (default %(default)s)")
     p.add_argument("--kind", choices=["robot", "shapes"], default="robot", help="what to draw (default robot)")
     p.add_argument("--num_videos", type=int, default=8)
