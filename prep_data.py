@@ -592,12 +592,10 @@ def build_cache(dataset_path, vae, text_encoder, vae_id, text_encoder_id, num_fr
 
 
 class VideoDataset(torch.utils.data.Dataset):
-    """The reference's dataset: raw mp4s, a random window of `num_frames` consecutive frames at the file's native
-    frame rate, resized to `video_size`. One item per video. Differences: the last possible window can be drawn and a
-    video of exactly `num_frames` frames works (the reference's randint excludes both), and short videos or missing
-    captions are errors at construction instead of being skipped silently.
-    The window is drawn from `self.rng`; DataLoader workers each get a copy of it, so give each worker its own
-    (worker_init_fn) when using several."""
+    """The reference's dataset: one item per mp4, a random window of `num_frames` frames at the file's frame rate,
+    resized to `video_size`. Unlike the reference, the last window can be drawn (a video of exactly `num_frames`
+    works) and short videos or missing captions are errors, not skipped. DataLoader workers each get a copy of
+    `self.rng`: give each its own (worker_init_fn)."""
 
     def __init__(self, dataset_dir, num_frames=93, video_size=(704, 1280), resize="stretch", seed=0):
         if resize not in RESIZE_MODES:
@@ -628,8 +626,7 @@ class CachedDataset(torch.utils.data.Dataset):
         path = self.cache_dir / "manifest.json"
         if not path.is_file():
             raise DataError(f"{path}: no manifest; the cache is missing or unfinished (run `prep_data.py cache`)")
-        self.manifest = read_manifest(path)
-        self.clips = self.manifest["clips"]
+        self.clips = read_manifest(path)["clips"]
         missing = [c[k] for c in self.clips for k in ("latents", "text_emb") if not (self.cache_dir / c[k]).exists()]
         if missing:
             raise DataError(f"{self.cache_dir}: {len(missing)} file(s) listed in the manifest are missing, "
