@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 import prep_data  # noqa: E402
 from prep_data import (TEAL, CachedDataset, CachedSampler, DataError, VideoDataset, build_cache,  # noqa: E402
                        clip_starts, frames_to_tensor, main, read_video, resize_frames, robot_clip, shapes_clip,
-                       video_info, write_synthetic_dataset, write_video)
+                       video_info, write_atomic, write_synthetic_dataset, write_video)
 from model import file_fingerprint  # noqa: E402
 
 
@@ -266,6 +266,35 @@ class DyingVAE(TinyVAE):
         return super().encode(video_B_3_T_H_W)
 
 
+KILLED_MID_WRITE = """
+import os, sys
+sys.path.insert(0, {root!r})
+from prep_data import write_atomic
+
+
+def half(tmp):
+    tmp.write_bytes(b"half a file")
+    os._exit(1)  # a kill: no cleanup runs
+
+
+write_atomic({path!r}, half)
+"""
+
+
+def test_an_interrupted_write_leaves_no_file_that_looks_finished(tmp_path):
+    path = tmp_path / "cache" / "latents.safetensors"
+    r = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE.format(root=str(ROOT), path=str(path))], timeout=120)
+    assert r.returncode == 1 and [p.name for p in path.parent.iterdir()] == ["latents.safetensors.partial"]
+
+    def half(tmp):
+        tmp.write_bytes(b"half a file")
+        raise Killed
+
+    with pytest.raises(Killed):  # an error: the partial file is removed too
+        write_atomic(path, half)
+    assert not list(path.parent.iterdir())
+
+
 def test_cache_resumes_and_distrusts_partial_files(tmp_path, demo_dir):
     data = copy_dataset(demo_dir, tmp_path / "d")
     cache = data / "cache" / "9f_16x24_stretch"
@@ -349,6 +378,8 @@ def test_cache_command_frees_the_text_encoder_before_building_the_vae(tmp_path, 
     monkeypatch.setattr(prep_data, "TextEncoder", FakeTextEncoder)  # the real checks of the files' roles stay
     monkeypatch.setattr(prep_data, "WanVAE", FakeVAE)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # the GPU's cached memory is handed back once the text encoder is gone, or the VAE could not use it
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append(("empty_cache", te_ref[0]() is None)))
     vae_file, text_encoder_dir = fake_weights(tmp_path)
     args = ["cache", "--dataset_path", str(data), "--vae", str(vae_file), "--text_encoder", str(text_encoder_dir),
             "--num_frames", "9", "--video_size", "16,32", "--clips_per_video", "2"]
@@ -356,11 +387,11 @@ def test_cache_command_frees_the_text_encoder_before_building_the_vae(tmp_path, 
     out = capsys.readouterr().out
     assert "manifest.json" in out and "the VAE runs in float32 on cpu" in out
     # the VAE in fp32 on a CPU (bf16 convolutions are slow there), as sample.py does, and said
-    assert events == [("te", "reason1"), ("vae", "tok.pth", True, torch.float32)]
+    assert events == [("te", "reason1"), ("empty_cache", True), ("vae", "tok.pth", True, torch.float32)]
     (data / "cache" / "9f_16x32_stretch" / "latents" / "robot_001_000008.safetensors").unlink()
     assert main(args) == 0
-    assert events[2:] == [("vae", "tok.pth", True, torch.float32)]  # captions were done: no text encoder this time
-    assert main(args) == 0 and len(events) == 3  # nothing left to do: no network built
+    assert events[3:] == [("vae", "tok.pth", True, torch.float32)]  # captions were done: no text encoder this time
+    assert main(args) == 0 and len(events) == 4  # nothing left to do: no network built
     ds = CachedDataset(data / "cache" / "9f_16x32_stretch")
     assert [(c["source"], c["start_frame"]) for c in ds.clips] == [(f"videos/robot_00{i}.mp4", s) for i in range(3)
                                                                    for s in (0, 8)]
