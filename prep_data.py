@@ -314,9 +314,12 @@ def check_dataset(dataset_path, num_frames=93, video_size=(704, 1280), tokenizer
         if not long_enough:
             problems.append(f"{video}: {info.num_frames} frames, fewer than one clip of {num_frames}")
         caption = read_caption(video)
-        if not caption:
-            status = "EMPTY" if caption == "" else "MISSING"
-            problems.append(f"{caption_path(video)}: {status.lower()} caption")
+        if caption is None:
+            status = "MISSING"
+            problems.append(f"{caption_path(video)}: missing caption")
+        elif not caption:
+            status = "EMPTY"
+            problems.append(f"{caption_path(video)}: empty caption")
         elif tokenizer is None:
             status = f"{len(caption)} chars"
         else:
@@ -896,7 +899,6 @@ def cmd_cache(args):
     captions, clips = plan.todo(rank, world_size)
     print(f"rank {rank}/{world_size}: {len(plan.clips)} clips, {len(plan.captions)} unique captions in "
           f"{plan.cache_dir}; this rank encodes {len(captions)} caption(s) and {len(clips)} clip(s)")
-
     encode_captions(plan, lambda: TextEncoder.from_pretrained(args.text_encoder, device=device), captions,
                     show_progress=rank == 0)
     if clips:
