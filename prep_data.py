@@ -1,16 +1,11 @@
-"""Everything about data, readable top to bottom.
+"""Everything about data, top to bottom (`python prep_data.py --help` for the command line):
 
-1. Video and image I/O with PyAV: read a window of frames (seeking, not decoding whole files), resize, write mp4.
-2. The dataset layout of the reference: `<dataset>/videos/*.mp4` with one caption per video in
-   `<dataset>/metas/<same name>.txt`.
-3. `prompts`: write a caption file for every video that has none.
-4. `check`: open every video and caption and report what would break training.
-5. `cache`: encode fixed clips with the VAE and every unique caption with the text encoder, once, to safetensors.
-6. Dataset classes for train.py: `VideoDataset` (raw mp4s, the reference behaviour), `CachedDataset` (the cache)
-   and `CachedSampler` (seeded shuffling, sharded across ranks, resumable).
-7. Synthetic data made with numpy: the teal-robot demo dataset and the "shapes world" clips.
-
-Run `python prep_data.py --help` for the command line.
+1. video and image I/O with PyAV: a window of frames (seeking, not decoding whole files), resize, write mp4;
+2. the reference's layout, `<dataset>/videos/*.mp4` and one caption per video in `<dataset>/metas/<name>.txt`,
+   and the `prompts` and `check` commands;
+3. `cache`: VAE latents of fixed clips and text embeddings of unique captions, encoded once, to safetensors;
+4. what train.py reads: `VideoDataset` (raw mp4s), `CachedDataset` and `CachedSampler` (seeded, sharded, resumable);
+5. `demo`: synthetic clips made with numpy, the teal robot and the "shapes world".
 """
 
 import argparse
@@ -38,6 +33,7 @@ from model import (TextEncoder, TextEncoderConfig, WanVAE, file_fingerprint, qwe
                    wan_vae_config)
 
 MAX_TEXT_TOKENS = 512  # the text encoder pads or truncates every prompt to this many tokens
+RESIZE_MODES = ("stretch", "crop")
 
 
 class DataError(ValueError):
@@ -190,9 +186,6 @@ def write_video(path, frames, fps=16):
         container.mux(stream.encode())  # flush the frames the encoder still holds
 
 
-RESIZE_MODES = ("stretch", "crop")
-
-
 def resize_frames(frames, size, mode="stretch"):
     """Resize uint8 [T,h,w,3] frames to size=(H, W), bilinear with antialiasing.
     "stretch" (the reference's training data): straight to (H, W), aspect ratio not preserved.
@@ -231,14 +224,8 @@ def frames_to_tensor(frames, dtype=torch.float32):
     return torch.as_tensor(frames).movedim(-1, -4).to(dtype) / 127.5 - 1
 
 
-def tensor_to_frames(video):
-    """[3,T,H,W] in about [-1,1] -> uint8 [T,H,W,3] numpy, clamped and rounded."""
-    x = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(1, 2, 3, 0).cpu().numpy()
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# 2. Dataset layout: <dataset>/videos/*.mp4, <dataset>/metas/<name>.txt
+# 2. Dataset layout (<dataset>/videos/*.mp4, <dataset>/metas/<name>.txt), `prompts` and `check`
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -263,50 +250,19 @@ def read_caption(video):
     return path.read_text(encoding="utf-8").strip() if path.is_file() else None
 
 
-def dataset_captions(videos):
-    """Captions of all videos; a missing or empty caption is an error naming every such file."""
+def read_dataset(dataset_path, num_frames):
+    """(videos, captions, VideoInfos) of a dataset to train on clips of `num_frames`. A missing or empty caption,
+    or a video shorter than one clip, is an error naming every such file."""
+    videos = list_videos(dataset_path)
     captions = [read_caption(v) for v in videos]
     bad = [str(caption_path(v)) for v, c in zip(videos, captions) if not c]
     if bad:
         raise DataError(f"missing or empty captions (write them with `prep_data.py prompts`): {', '.join(bad)}")
-    return captions
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def clip_length(text):
-    value = int(text)
-    if value < 1 or (value - 1) % 4:
-        raise argparse.ArgumentTypeError(f"must be 1 + 4k for the 4x temporal VAE (93, 29, 17, ...), got {value}")
-    return value
-
-
-def parse_size(text):
-    """'704,1280' -> (704, 1280)."""
-    try:
-        H, W = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected H,W (e.g. 704,1280), got {text!r}") from None
-    return H, W
-
-
-def training_size(text):
-    """parse_size for the training resolution: multiples of 16, the VAE's 8x times the DiT's 2x2 patches."""
-    H, W = parse_size(text)
-    if H < 16 or W < 16 or H % 16 or W % 16:
-        raise argparse.ArgumentTypeError(f"H and W must be positive multiples of 16 (the VAE's 8x times the DiT's "
-                                         f"2x2 patches), got {text!r}")
-    return H, W
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 3. prompts: one caption file per video
-# ----------------------------------------------------------------------------------------------------------------
+    infos = [video_info(v) for v in videos]
+    short = [f"{i.path} ({i.num_frames} frames)" for i in infos if i.num_frames < num_frames]
+    if short:
+        raise DataError(f"videos shorter than one clip of {num_frames} frames: {', '.join(short)}")
+    return videos, captions, infos
 
 
 def write_prompts(dataset_path, prompt, overwrite=False):
@@ -328,11 +284,6 @@ def write_prompts(dataset_path, prompt, overwrite=False):
     print(f"{written} caption(s) written, {len(videos) - written} kept, {len(videos)} video(s)")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 4. check: everything that would break training, by file name
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def load_tokenizer(path):
     """A Hugging Face `tokenizer.json`, or a folder holding one (the text encoder's folder)."""
     path = Path(path)
@@ -343,24 +294,19 @@ def load_tokenizer(path):
     return Tokenizer.from_file(str(path))
 
 
-def caption_tokens(tokenizer, caption):
-    """Number of tokens the text encoder sees for `caption`, chat template included."""
-    return len(tokenizer.encode(qwen_chat_text(caption)).ids)
-
-
 def check_dataset(dataset_path, num_frames=93, video_size=(704, 1280), tokenizer=None):
-    """Print one line per video and return the list of problems (empty when the dataset is ready)."""
+    """Print one line per video, then the problems that would break or degrade training, and return them (empty
+    when the dataset is ready). With a tokenizer, captions are counted in the tokens the text encoder sees."""
     videos = list_videos(dataset_path)
     problems = []
     print(f"{'video':<32} {'frames':>6} {'fps':>6} {'WxH':>9} {'seconds':>7} {'codec':<6} {'clip':<5} caption")
     for video in videos:
-        name = video.name
         try:
             info = video_info(video)
             read_video(video, 0, 1)  # the first and the last frame decode: catches most truncated files
             read_video(video, info.num_frames - 1, 1)
         except VideoError as e:
-            print(f"{name:<32} UNREADABLE: {e}")
+            print(f"{video.name:<32} UNREADABLE: {e}")
             problems.append(str(e))
             continue
         long_enough = info.num_frames >= num_frames
@@ -376,29 +322,34 @@ def check_dataset(dataset_path, num_frames=93, video_size=(704, 1280), tokenizer
         elif tokenizer is None:
             status = f"{len(caption)} chars"
         else:
-            n = caption_tokens(tokenizer, caption)
+            n = len(tokenizer.encode(qwen_chat_text(caption)).ids)
             status = f"{n} tokens" + (" TOO LONG" if n > MAX_TEXT_TOKENS else "")
             if n > MAX_TEXT_TOKENS:
                 problems.append(f"{caption_path(video)}: {n} tokens with the chat template; the text encoder keeps "
                                 f"the first {MAX_TEXT_TOKENS}")
         size = f"{info.width}x{info.height}"
-        print(f"{name:<32} {info.num_frames:>6} {info.fps:>6.2f} {size:>9} {info.duration:>7.1f} {info.codec:<6} "
-              f"{'ok' if long_enough else 'SHORT':<5} {status}")
+        print(f"{video.name:<32} {info.num_frames:>6} {info.fps:>6.2f} {size:>9} {info.duration:>7.1f} "
+              f"{info.codec:<6} {'ok' if long_enough else 'SHORT':<5} {status}")
     if tokenizer is None:
         print("caption token counts skipped: pass --tokenizer <tokenizer.json or text encoder folder>")
     print(f"training resizes every clip to --video_size {video_size[0]},{video_size[1]} (H,W)")
+    if problems:
+        print(f"\n{len(problems)} problem(s) would break or degrade training:")
+        print("\n".join(f"  - {p}" for p in problems))
+    else:
+        print("\nready for training")
     return problems
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 5. cache: VAE latents of fixed clips and text embeddings of unique captions
+# 3. cache: VAE latents of fixed clips and text embeddings of unique captions
 # ----------------------------------------------------------------------------------------------------------------
 # Layout, next to the dataset (tag = <num_frames>f_<H>x<W>_<resize>):
 #   <dataset>/cache/<tag>/latents/<video>_<start>.safetensors  {"latents": bf16 [16,T',H/8,W/8]} + metadata
 #   <dataset>/cache/<tag>/text/<sha256(encoder, caption)>.safetensors  {"text_emb": bf16 [L,D]} + metadata
 #   <dataset>/cache/<tag>/manifest.json  one entry per clip; written last, only when every file exists
-# Every file is written to <name>.partial, then renamed, so a killed run leaves no file that looks finished. A later
-# run skips files whose metadata matches, re-encodes unreadable ones, and stops on files made with other settings.
+# A later run skips files whose metadata matches, re-encodes unreadable ones and latents of a video replaced since,
+# and stops on files made with other settings.
 
 
 @dataclass
@@ -495,32 +446,25 @@ def plan_cache(dataset_path, vae_id, text_encoder_id, num_frames=93, video_size=
         raise ValueError(f"num_frames must be 1 + 4k for the 4x temporal VAE, got {num_frames}")
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {resize!r}")
-    videos = list_videos(dataset_path)
-    captions = dataset_captions(videos)
-    clips, short = [], []
-    for video, caption in zip(videos, captions):
-        info = video_info(video)
-        starts = clip_starts(info.num_frames, num_frames, clips_per_video, stride)
-        if not starts:
-            short.append(f"{video} ({info.num_frames} frames)")
-        digest = file_fingerprint(video) if starts else ""
-        clips += [Clip(video, s, info.fps, (info.height, info.width), caption, digest) for s in starts]
-    if short:
-        raise DataError(f"videos shorter than one clip of {num_frames} frames: {', '.join(short)}")
+    clips = []
+    for video, caption, info in zip(*read_dataset(dataset_path, num_frames)):
+        digest = file_fingerprint(video)
+        clips += [Clip(video, start, info.fps, (info.height, info.width), caption, digest)
+                  for start in clip_starts(info.num_frames, num_frames, clips_per_video, stride)]
     tag = f"{num_frames}f_{video_size[0]}x{video_size[1]}_{resize}"
     choice = f"clips_per_video={clips_per_video}" if clips_per_video is not None else f"stride={stride or num_frames}"
     manifest = Path(dataset_path) / "cache" / tag / "manifest.json"
     if manifest.is_file() and (made := read_manifest(manifest)["clip_choice"]) != choice:
         raise DataError(f"{manifest.parent} holds the clips of {made}, not {choice}: a run training on it would "
                         f"change dataset under it. Move the folder away to cache with {choice}")
-    return CachePlan(Path(dataset_path), Path(dataset_path) / "cache" / tag, num_frames, tuple(video_size), resize,
-                     choice, vae_id, text_encoder_id, clips, sorted(set(captions)))
+    return CachePlan(Path(dataset_path), manifest.parent, num_frames, tuple(video_size), resize, choice, vae_id,
+                     text_encoder_id, clips, sorted({c.caption for c in clips}))
 
 
 def _cached(path, meta):
     """True when `path` is a complete cache file made with the same settings from the same source video. Unreadable
     files (a partial write by another tool, a disk that filled up) and latents of a video since replaced are redone;
-    a file made with other settings is an error. Latents from before source digests were recorded are trusted."""
+    a file made with other settings is an error."""
     if not path.exists():
         return False
     try:
@@ -533,7 +477,7 @@ def _cached(path, meta):
     if differ:
         diff = ", ".join(f"{k}: {a!r} in the file, {b!r} now" for k, (a, b) in differ.items())
         raise DataError(f"{path} was made with other settings ({diff}); move the cache folder away to rebuild it")
-    if found.get("source_digest", meta.get("source_digest")) != meta.get("source_digest"):
+    if found.get("source_digest") != meta.get("source_digest"):
         print(f"{path}: its video {meta['source']} has changed since, encoding it again")
         return False
     return True
@@ -550,20 +494,39 @@ def write_safetensors(tensors, path, metadata=None):
     path.chmod(mode)
 
 
-def _save_atomic(tensors, path, meta):
+def write_atomic(path, write):
+    """write(<path>.partial), then rename it to `path`: an interrupted run never leaves a file that looks finished."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    write_safetensors(tensors, partial, meta)
-    os.replace(partial, path)
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
-def encode_captions(plan, text_encoder, captions, show_progress=True):
-    """Embed each caption (text_encoder.encode(list[str]) -> [B,L,D]) and save it as bf16 [L,D]."""
-    for caption in tqdm(captions, unit="caption", desc="text", disable=not show_progress):
-        with torch.inference_mode():
-            emb_L_D = text_encoder.encode([caption])[0]
-        _save_atomic({"text_emb": emb_L_D.to(torch.bfloat16).cpu().contiguous()}, plan.text_path(caption),
-                     plan.text_meta(caption))
+def embed_texts(load_text_encoder, texts, show_progress=False):
+    """Yield (text, embedding [L,D] on the CPU) for each text. The encoder, `load_text_encoder()`, is built on the
+    first text and freed after the last, before the caller builds its next network (the VAE, the DiT): the two
+    never share the GPU's memory. Nothing is built when there are no texts."""
+    if not texts:
+        return
+    encoder = load_text_encoder()
+    for text in tqdm(texts, unit="text", desc="text encoder", disable=not show_progress):
+        with torch.no_grad():
+            emb_L_D = encoder.encode([text])[0].cpu()  # encode(list[str]) -> [B,L,D]
+        yield text, emb_L_D
+    del encoder
+    gc.collect()
+    torch.cuda.empty_cache()  # does nothing where CUDA was never used
+
+
+def encode_captions(plan, load_text_encoder, captions, show_progress=True):
+    """Embed each caption with the text encoder that `load_text_encoder()` builds and save it as bf16 [L,D]."""
+    for caption, emb_L_D in embed_texts(load_text_encoder, captions, show_progress):
+        tensors = {"text_emb": emb_L_D.to(torch.bfloat16).contiguous()}
+        write_atomic(plan.text_path(caption), lambda tmp: write_safetensors(tensors, tmp, plan.text_meta(caption)))
 
 
 def load_clip(plan, clip):
@@ -581,17 +544,16 @@ def encode_video(vae, frames_B_T_H_W_3):
 
 
 def encode_clips(plan, vae, clips, show_progress=True):
-    """VAE-encode each clip (vae.encode([B,3,T,H,W] in [-1,1]) -> [B,16,T',H/8,W/8]) and save it as bf16.
-    The next clip is decoded on a CPU thread while the VAE encodes the current one."""
+    """VAE-encode each clip and save it as bf16. The next clip is decoded on a CPU thread while the VAE encodes."""
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(load_clip, plan, clips[0]) if clips else None
         for i, clip in enumerate(tqdm(clips, unit="clip", desc="latents", disable=not show_progress)):
             frames = pending.result()
             if i + 1 < len(clips):
                 pending = pool.submit(load_clip, plan, clips[i + 1])
-            latents_C_T_H_W = encode_video(vae, torch.from_numpy(frames)[None])[0]
-            _save_atomic({"latents": latents_C_T_H_W.to(torch.bfloat16).cpu().contiguous()}, plan.latent_path(clip),
-                         plan.latent_meta(clip))
+            latents = encode_video(vae, torch.from_numpy(frames)[None])[0].to(torch.bfloat16).cpu().contiguous()
+            write_atomic(plan.latent_path(clip),
+                         lambda tmp: write_safetensors({"latents": latents}, tmp, plan.latent_meta(clip)))
 
 
 def write_manifest(plan):
@@ -611,55 +573,37 @@ def write_manifest(plan):
                    "num_frames": plan.num_frames, "fps": c.fps} for c in plan.clips],
     }
     path = plan.cache_dir / "manifest.json"
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(manifest, indent=1))
-    os.replace(partial, path)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
     return path
 
 
-def take(max_items, captions, clips):
-    """At most `max_items` items of work, captions first, to stop a run early as a kill would.
-    Returns (captions, clips, whether work was left out)."""
-    if max_items is None or len(captions) + len(clips) <= max_items:
-        return captions, clips, False
-    captions = captions[:max_items]
-    return captions, clips[:max_items - len(captions)], True
-
-
 def build_cache(dataset_path, vae, text_encoder, vae_id, text_encoder_id, num_frames=93, video_size=(704, 1280),
-                resize="stretch", clips_per_video=None, stride=None, max_items=None, show_progress=False):
-    """Cache a dataset with already-built encoders, in one process. Returns the manifest path, or None when
-    `max_items` stopped the run before the end. The `cache` command does the same, but builds the text encoder,
-    uses and frees it before it builds the VAE, and shards the work across torchrun ranks."""
+                resize="stretch", clips_per_video=None, stride=None, show_progress=False):
+    """Cache a dataset with already-built encoders, in one process; returns the manifest path. The `cache` command
+    does the same, but builds the text encoder, uses and frees it before it builds the VAE, and shards the work
+    across torchrun ranks."""
     plan = plan_cache(dataset_path, vae_id, text_encoder_id, num_frames, video_size, resize, clips_per_video, stride)
-    captions, clips, stopped = take(max_items, *plan.todo())
-    encode_captions(plan, text_encoder, captions, show_progress)
+    captions, clips = plan.todo()
+    encode_captions(plan, lambda: text_encoder, captions, show_progress)
     encode_clips(plan, vae, clips, show_progress)
-    return None if stopped else write_manifest(plan)
+    return write_manifest(plan)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 6. Dataset classes for train.py
+# 4. What train.py reads: the datasets and the sampler
 # ----------------------------------------------------------------------------------------------------------------
 
 
 class VideoDataset(torch.utils.data.Dataset):
-    """The reference's dataset: raw mp4s, a random window of `num_frames` consecutive frames at the file's native
-    frame rate, resized to `video_size`. One item per video. Differences: the last possible window can be drawn and a
-    video of exactly `num_frames` frames works (the reference's randint excludes both), and short videos or missing
-    captions are errors at construction instead of being skipped silently.
-    The window is drawn from `self.rng`; DataLoader workers each get a copy of it, so give each worker its own
-    (worker_init_fn) when using several."""
+    """The reference's dataset: one item per mp4, a random window of `num_frames` frames at the file's frame rate,
+    resized to `video_size`. Unlike the reference, the last window can be drawn (a video of exactly `num_frames`
+    works) and short videos or missing captions are errors, not skipped. DataLoader workers each get a copy of
+    `self.rng`: give each its own (worker_init_fn)."""
 
     def __init__(self, dataset_dir, num_frames=93, video_size=(704, 1280), resize="stretch", seed=0):
         if resize not in RESIZE_MODES:
             raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {resize!r}")
-        self.videos = list_videos(dataset_dir)
-        self.captions = dataset_captions(self.videos)
-        self.infos = [video_info(v) for v in self.videos]
-        short = [f"{i.path} ({i.num_frames} frames)" for i in self.infos if i.num_frames < num_frames]
-        if short:
-            raise DataError(f"videos shorter than {num_frames} frames: {', '.join(short)}")
+        self.videos, self.captions, self.infos = read_dataset(dataset_dir, num_frames)
         self.num_frames, self.video_size, self.resize = num_frames, tuple(video_size), resize
         self.rng = np.random.default_rng(seed)
 
@@ -685,8 +629,7 @@ class CachedDataset(torch.utils.data.Dataset):
         path = self.cache_dir / "manifest.json"
         if not path.is_file():
             raise DataError(f"{path}: no manifest; the cache is missing or unfinished (run `prep_data.py cache`)")
-        self.manifest = read_manifest(path)
-        self.clips = self.manifest["clips"]
+        self.clips = read_manifest(path)["clips"]
         missing = [c[k] for c in self.clips for k in ("latents", "text_emb") if not (self.cache_dir / c[k]).exists()]
         if missing:
             raise DataError(f"{self.cache_dir}: {len(missing)} file(s) listed in the manifest are missing, "
@@ -707,19 +650,19 @@ class CachedDataset(torch.utils.data.Dataset):
                             f"`prep_data.py cache` again") from None
 
     def __getitem__(self, i):
-        clip = self.clips[i]
-        return {"latents": self._tensor(clip["latents"], "latents"),  # bf16 [16,T',H/8,W/8]
-                "text_emb": self._tensor(clip["text_emb"], "text_emb"),  # bf16 [L,D]
-                "caption": clip["caption"], "num_frames": clip["num_frames"], "fps": clip["fps"],
-                "source": clip["source"], "start_frame": clip["start_frame"]}
+        """The manifest's entry, with its latents (bf16 [16,T',H/8,W/8]) and text_emb (bf16 [L,D]) read."""
+        item = dict(self.clips[i])
+        for key in ("latents", "text_emb"):
+            item[key] = self._tensor(item[key], key)
+        return item
 
 
 class CachedSampler:
     """An endless, resumable stream of dataset indices. Epoch e is a permutation of range(n) drawn from seed + e;
     the epochs follow one another in a single global stream, dealt round-robin to the ranks (rank r takes global
-    positions r, r + world_size, ...), so every index is used once per epoch across all ranks. The state is just the
-    global position (samples drawn by all ranks together), so a resumed run continues the same order, even on a
-    different number of ranks. A loop that knows its step can also rebuild it: step * batch_size * world_size."""
+    positions r, r + world_size, ...), so every index is used once per epoch across all ranks. The state is just
+    `position`, the samples drawn by all ranks together: a run resumed at step s sets it to
+    s * batch_size * world_size and continues the same order, even on a different number of ranks."""
 
     def __init__(self, n, seed=0, rank=0, world_size=1):
         if n < 1 or not 0 <= rank < world_size:
@@ -739,18 +682,9 @@ class CachedSampler:
         self.position += self.world_size
         return self._perm[i]
 
-    def state_dict(self):
-        return {"n": self.n, "seed": self.seed, "position": self.position}
-
-    def load_state_dict(self, state):
-        if (state["n"], state["seed"]) != (self.n, self.seed):
-            raise ValueError(f"sampler state is for n={state['n']}, seed={state['seed']}; this sampler has "
-                             f"n={self.n}, seed={self.seed} (a different dataset or seed cannot continue the order)")
-        self.position = state["position"]
-
 
 # ----------------------------------------------------------------------------------------------------------------
-# 7. Synthetic data: the teal-robot demo and the shapes world
+# 5. Synthetic data: the teal-robot demo and the shapes world
 # ----------------------------------------------------------------------------------------------------------------
 # Shapes are drawn from signed distances (negative inside, in pixels) with a one-pixel soft edge, so motion is
 # smooth at small sizes. The shapes world never uses teal nor the robot, so a model pretrained on it has never seen
@@ -900,36 +834,67 @@ def write_synthetic_dataset(out, kind="robot", num_videos=8, num_frames=17, size
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 8. Command line
+# 6. Command line
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def parse_size(text):
+    """'704,1280' -> (704, 1280)."""
+    try:
+        H, W = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected H,W (e.g. 704,1280), got {text!r}") from None
+    return H, W
+
+
+def checked(kind, ok, expected):
+    """An argparse type: kind(text), refused unless ok(value), so argparse names the option (exit code 2)."""
+    def parse(text):
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
+    return parse
+
+
+positive_int = checked(int, lambda n: n >= 1, "an integer >= 1")
+clip_length = checked(int, lambda n: n >= 1 and (n - 1) % 4 == 0,
+                      "1 + 4k frames for the 4x temporal VAE (93, 29, 17, ...)")
+training_size = checked(parse_size, lambda hw: min(hw) >= 16 and hw[0] % 16 == hw[1] % 16 == 0,
+                        "H and W positive multiples of 16 (the VAE's 8x times the DiT's 2x2 patches)")
+
+
+# Each command's docstring is its --help description.
+
+
 def cmd_prompts(args):
+    """Write the same caption for every video lacking one (the reference's create_prompts_for_nemo_assets.py).
+    Existing captions are kept."""
     write_prompts(args.dataset_path, args.prompt, args.overwrite)
     return 0
 
 
 def cmd_check(args):
+    """Open every video (header, first and last frame) and caption. Reports frames, fps, size, duration, codec,
+    whether one clip fits, and missing, empty or too long captions. Exits 1 with a summary when there are problems."""
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-    problems = check_dataset(args.dataset_path, args.num_frames, args.video_size, tokenizer)
-    if problems:
-        print(f"\n{len(problems)} problem(s) would break or degrade training:")
-        for p in problems:
-            print(f"  - {p}")
-        return 1
-    print("\nready for training")
-    return 0
+    return 1 if check_dataset(args.dataset_path, args.num_frames, args.video_size, tokenizer) else 0
 
 
 def cmd_cache(args):
-    """Text encoder first (built, used for every caption, freed), then the VAE: peak memory is the larger of the
-    two. Under torchrun each rank takes every world_size-th item; rank 0 writes the manifest once all are done."""
+    """Write VAE latents of fixed clips and text embeddings of unique captions to
+    <dataset>/cache/<frames>f_<H>x<W>_<resize>/ (bf16 safetensors + manifest.json). Clips: back-to-back windows by
+    default (stride = num_frames), or --stride S, or --clips_per_video N evenly spaced windows. Re-running skips
+    finished files. The text encoder runs first and is freed before the VAE is built, so peak memory is the larger
+    of the two. Under torchrun each rank takes every world_size-th item; rank 0 writes the manifest once all are
+    done."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)  # or every rank would also open a context on GPU 0
     vae_id, text_encoder_id = weights_id(args.vae), weights_id(args.text_encoder)
-
     # each file fits its role, checked before any work
     if not (Path(args.text_encoder) / "config.json").is_file():
         raise DataError(f"--text_encoder {args.text_encoder}: expected the text encoder's Hugging Face folder "
@@ -941,17 +906,11 @@ def cmd_cache(args):
         raise DataError(e.args[0]) from None
     plan = plan_cache(args.dataset_path, vae_id, text_encoder_id, args.num_frames, args.video_size, args.resize,
                       args.clips_per_video, args.stride)
-    captions, clips, stopped = take(args.max_items, *plan.todo(rank, world_size))
+    captions, clips = plan.todo(rank, world_size)
     print(f"rank {rank}/{world_size}: {len(plan.clips)} clips, {len(plan.captions)} unique captions in "
           f"{plan.cache_dir}; this rank encodes {len(captions)} caption(s) and {len(clips)} clip(s)")
-
-    if captions:
-        text_encoder = TextEncoder.from_pretrained(args.text_encoder, device=device)
-        encode_captions(plan, text_encoder, captions, show_progress=rank == 0)
-        del text_encoder
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    encode_captions(plan, lambda: TextEncoder.from_pretrained(args.text_encoder, device=device), captions,
+                    show_progress=rank == 0)
     if clips:
         print(f"rank {rank}: the VAE runs in {str(dtype_for(device)).removeprefix('torch.')} on {device}")
         vae = WanVAE.from_pretrained(args.vae, device=device, dtype=dtype_for(device))
@@ -961,14 +920,14 @@ def cmd_cache(args):
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     if rank == 0:
-        if stopped:
-            print(f"stopped after --max_items {args.max_items}; run again to continue (finished files are kept)")
-        else:
-            print(f"wrote {write_manifest(plan)}")
+        print(f"wrote {write_manifest(plan)}")
     return 0
 
 
 def cmd_demo(args):
+    """Procedural clips made with numpy: 'robot' = a teal robot moving over varied backgrounds with 'A video of sks
+    teal robot...' captions (the LoRA demo); 'shapes' = coloured circles, squares and triangles with captions naming
+    colour, shape and motion (for pretraining a tiny base model; never teal, never a robot)."""
     write_synthetic_dataset(args.out, args.kind, args.num_videos, args.num_frames, args.size, args.fps, args.seed)
     return 0
 
@@ -988,37 +947,27 @@ def build_parser():
                "  torchrun --nproc_per_node=8 prep_data.py cache ...   (shards the clips across GPUs)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
-    def dataset_args(p, clip=True):
-        p.add_argument("--dataset_path", required=True, help="dataset folder holding videos/ and metas/")
+    def command(name, func, help, dataset=True, clip=True):
+        p = sub.add_parser(name, help=help, description=func.__doc__)
+        p.set_defaults(func=func)
+        if dataset:
+            p.add_argument("--dataset_path", required=True, help="dataset folder holding videos/ and metas/")
         if clip:
             p.add_argument("--num_frames", type=clip_length, default=93,
                            help="frames per training clip, 1 + 4k (default 93)")
             p.add_argument("--video_size", type=training_size, default=(704, 1280), metavar="H,W",
                            help="training resolution (default 704,1280)")
+        return p
 
-    p = sub.add_parser("prompts", help="write metas/<name>.txt for videos that have no caption",
-                       description="Write the same caption for every video lacking one (the reference's "
-                                   "create_prompts_for_nemo_assets.py). Existing captions are kept.")
-    dataset_args(p, clip=False)
+    p = command("prompts", cmd_prompts, "write metas/<name>.txt for videos that have no caption", clip=False)
     p.add_argument("--prompt", default="A video of sks teal robot.", help="the caption (default: %(default)r)")
     p.add_argument("--overwrite", action="store_true", help="replace existing captions too")
-    p.set_defaults(func=cmd_prompts)
 
-    p = sub.add_parser("check", help="report every video and caption; exit 1 if anything would break training",
-                       description="Open every video (header, first and last frame) and caption. Reports frames, "
-                                   "fps, size, duration, codec, whether one clip fits, and missing, empty or too long "
-                                   "captions. Exits 1 with a summary when there are problems.")
-    dataset_args(p)
+    p = command("check", cmd_check, "report every video and caption; exit 1 if anything would break training")
     p.add_argument("--tokenizer", help="tokenizer.json or the text encoder folder, to count caption tokens "
                                        f"(more than {MAX_TEXT_TOKENS} are truncated); skipped without it")
-    p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("cache", help="encode clips with the VAE and captions with the text encoder, once",
-                       description="Write VAE latents of fixed clips and text embeddings of unique captions to "
-                                   "<dataset>/cache/<frames>f_<H>x<W>_<resize>/ (bf16 safetensors + manifest.json). "
-                                   "Clips: back-to-back windows by default (stride = num_frames), or --stride S, or "
-                                   "--clips_per_video N evenly spaced windows. Re-running skips finished files.")
-    dataset_args(p)
+    p = command("cache", cmd_cache, "encode clips with the VAE and captions with the text encoder, once")
     p.add_argument("--vae", required=True, help="Wan2.1 VAE weights (tokenizer.pth)")
     p.add_argument("--text_encoder", required=True, help="Cosmos-Reason1-7B folder (safetensors + tokenizer.json)")
     choice = p.add_mutually_exclusive_group()
@@ -1027,14 +976,8 @@ def build_parser():
     choice.add_argument("--stride", type=positive_int, help="a window every S frames (default: num_frames)")
     p.add_argument("--resize", choices=RESIZE_MODES, default="stretch",
                    help="stretch: straight to H,W like the reference (default); crop: keep aspect, center crop")
-    p.add_argument("--max_items", type=int, help="stop after this many files (to test resuming)")
-    p.set_defaults(func=cmd_cache)
 
-    p = sub.add_parser("demo", help="write a small synthetic dataset (no downloads)",
-                       description="Procedural clips made with numpy: 'robot' = a teal robot moving over varied "
-                                   "backgrounds with 'A video of sks teal robot...' captions (the LoRA demo); "
-                                   "'shapes' = coloured circles, squares and triangles with captions naming colour, "
-                                   "shape and motion (for pretraining a tiny base model; never teal, never a robot).")
+    p = command("demo", cmd_demo, "write a small synthetic dataset (no downloads)", dataset=False, clip=False)
     p.add_argument("--out", default="datasets/demo", help="output dataset folder (default %(default)s)")
     p.add_argument("--kind", choices=["robot", "shapes"], default="robot", help="what to draw (default robot)")
     p.add_argument("--num_videos", type=int, default=8)
@@ -1042,7 +985,6 @@ def build_parser():
     p.add_argument("--size", type=parse_size, default=(64, 64), metavar="H,W", help="even sizes (default 64,64)")
     p.add_argument("--fps", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -63,7 +63,7 @@ def main():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = synced(device)
-    prep_data.encode_captions(plan, encoder, plan.captions, show_progress=False)
+    prep_data.encode_captions(plan, lambda: encoder, plan.captions, show_progress=False)
     text_s = (synced(device) - t0) / len(plan.captions)
     text_peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     del encoder

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from convert import convert_checkpoint
 from model import DIT_PRESETS, DiT, TextEncoder, WanVAE
-from prep_data import (TEAL, CachedDataset, build_cache, frames_to_tensor, read_video, shapes_clip,
-                       tensor_to_frames, weights_id, write_synthetic_dataset)
+from prep_data import (TEAL, CachedDataset, build_cache, frames_to_tensor, read_video, shapes_clip, weights_id,
+                       write_synthetic_dataset)
 from sample import DEFAULT_NEGATIVE_PROMPT, Sample, generate, load_dit
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -167,10 +167,15 @@ def held_out_loss(net, cache_dir):
     return float(np.mean(losses))
 
 
+def to_frames(video_3_T_H_W):
+    """[3,T,H,W] in about [-1,1] -> uint8 [T,H,W,3], clamped and rounded."""
+    return ((video_3_T_H_W.detach().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+
+
 def robot_colour(vae, clips):
     """The colour the robot's teal body has after the VAE round trip (the tiny VAE renders it slightly darker): the
     mean reconstructed colour of the pixels that are teal in the clips."""
-    recon = np.concatenate([tensor_to_frames(vae.decode(vae.encode(frames_to_tensor(c)[None]))[0]) for c in clips])
+    recon = np.concatenate([to_frames(vae.decode(vae.encode(frames_to_tensor(c)[None]))[0]) for c in clips])
     teal = np.linalg.norm(np.concatenate(clips).astype(np.float32) - np.asarray(TEAL, np.float32), axis=-1) < 10
     return recon[teal].astype(np.float32).mean(axis=0)
 

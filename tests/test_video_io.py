@@ -11,8 +11,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import prep_data  # noqa: E402
-from prep_data import (VideoError, frames_to_tensor, read_image, read_video, resize_frames, tensor_to_frames,  # noqa
-                       video_info, write_video)
+from prep_data import (VideoError, frames_to_tensor, read_image, read_video, resize_frames, video_info,  # noqa: E402
+                       write_video)
 
 BITS = 6  # frame index written as 6 black/white columns in the top half: survives any lossy codec
 
@@ -195,12 +195,17 @@ def test_resize_matches_pil_bilinear():
         assert np.abs(pil.astype(int) - o.astype(int)).max() <= 1
 
 
-def test_tensor_conversions():
+def test_frames_to_tensor():
+    """uint8 [T,H,W,3] -> [3,T,H,W]: 0 -> -1, 255 -> 1, cast to the dtype before scaling (the reference's order)."""
     frames = make_clip(3, 8, 12)
     x = frames_to_tensor(frames)
-    assert x.shape == (3, 3, 8, 12) and x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
-    np.testing.assert_array_equal(tensor_to_frames(x), frames)
-    assert frames_to_tensor(frames, torch.bfloat16).dtype == torch.bfloat16
+    assert x.shape == (3, 3, 8, 12) and x.dtype == torch.float32
+    expected = frames.transpose(3, 0, 1, 2).astype(np.float32) / np.float32(127.5) - np.float32(1)
+    np.testing.assert_array_equal(x.numpy(), expected)
+    assert frames_to_tensor(np.array([[[[0, 255, 0]]]], np.uint8)).flatten().tolist() == [-1, 1, -1]
+    bf16 = frames_to_tensor(frames, torch.bfloat16)
+    by_hand = torch.from_numpy(frames).permute(3, 0, 1, 2).to(torch.bfloat16) / 127.5 - 1
+    assert bf16.dtype == torch.bfloat16 and torch.equal(bf16, by_hand)
 
 
 def test_bad_inputs_name_the_file(tmp_path):
