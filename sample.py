@@ -7,12 +7,6 @@
     torchrun --nproc_per_node=8 sample.py --prompt "..." -o out.mp4 ...      # one video over 8 GPUs
     torchrun --nproc_per_node=8 sample.py -i prompts.json -o outputs/ ...    # the samples spread over the GPUs
 
-Several processes (torchrun) share each video by context parallelism (its latent frames split over them, the
-attention heads split inside self-attention: model.py, DiT.enable_context_parallel), or each take whole samples:
-`--context_parallel_size` sets how many share a video; by default one process per sample when the samples divide
-evenly over the processes, else all processes on every video. `--cfg_parallel` also splits guidance: the
-conditional and the unconditional pass run on the two halves of each group. Either way a seed gives the same video.
-
 What happens, in the reference's way:
 1. the prompts and the negative prompt go through the text encoder, which is then freed;
 2. an input image (Image2World) or the last 5 frames of an input video (Video2World) are resized, center-cropped
@@ -20,6 +14,12 @@ What happens, in the reference's way:
 3. starting from seeded Gaussian noise, the rectified-flow ODE is integrated from sigma ~1 to 0 with flow UniPC
    (35 steps, shift 5), the DiT giving the velocity v = eps - x0 with classifier-free guidance;
 4. the VAE decodes the latents and the video is written as an H.264 mp4 at 16 fps.
+
+Several processes (torchrun) share each video by context parallelism (its latent frames split over them, the
+attention heads split inside self-attention: model.py, DiT.enable_context_parallel), or each take whole samples:
+`--context_parallel_size` sets how many share a video; by default one process per sample when the samples divide
+evenly over the processes, else all processes on every video. `--cfg_parallel` also splits guidance: the
+conditional and the unconditional pass run on the two halves of each group. Either way a seed gives the same video.
 """
 
 import argparse
@@ -36,8 +36,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import read_tensor_file, wan_vae_config
-from prep_data import dtype_for
+from convert import check_adapter_base, parse_lora_arg, read_adapter
+from lora import inject_lora, load_lora_state_dict, lora_modules, merge_lora, set_adapter_scale
+from model import (DIT_PRESETS, DiT, TextEncoder, TextEncoderConfig, WanVAE, file_fingerprint, infer_dit_config,
+                   load_checkpoint_file, read_tensor_file, wan_vae_config)
+from prep_data import (dtype_for, frames_to_tensor, read_image, read_video, resize_frames, training_size, video_info,
+                       write_safetensors, write_video)
 
 # The reference's default negative prompt (cosmos_predict2/config.py), used by the unconditional CFG branch.
 DEFAULT_NEGATIVE_PROMPT = (
@@ -49,12 +53,10 @@ DEFAULT_NEGATIVE_PROMPT = (
     "poor quality."
 )
 DEFAULT_RESOLUTION = (704, 1280)  # H, W of the 720p models
-DEFAULT_NUM_FRAMES = 93  # pixel frames = 24 latent frames
+DEFAULT_NUM_FRAMES = 93  # pixel frames = 24 latent frames: the model's length
 NUM_TRAIN_TIMESTEPS = 1000
 VAE_TIME_FACTOR, VAE_SPACE_FACTOR, LATENT_CHANNELS = 4, 8, 16
-# conditioning latent frames per mode; each latent frame beyond the first covers 4 pixel frames
-INFERENCE_TYPES = {"text2world": 0, "image2world": 1, "video2world": 2}
-MODE_NAMES = {n: name for name, n in INFERENCE_TYPES.items()}
+MODE_NAMES = ("text2world", "image2world", "video2world")  # index: the clean latent frames the mode conditions on
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -209,14 +211,8 @@ def make_velocity_fn(net, noise, cond_latent, num_cond_frames, text_emb, neg_tex
     return velocity_fn
 
 
-def initial_noise(seed, shape):
-    """The reference's x_T: numpy's RandomState stream on the host in float32, so a seed means the same noise on
-    any device and any number of processes."""
-    return torch.from_numpy(np.random.RandomState(seed).standard_normal(shape).astype(np.float32))
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# 4. Inputs: samples from the command line or sample files, checked before anything heavy runs
+# 4. Generation: one sample, a long video in chunks, a validation video
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -235,36 +231,138 @@ class Sample:
     chunk_size: int | None = None  # frames per chunk of a long video (generate_chunks); None: one pass
 
 
-# A sample's settings: field -> (the command-line option that sets it where a file does not, or the value itself;
-# type; least and greatest value). The reference conditions later chunks on chunk_overlap latent frames: only with
-# 1 are they frames that the chunk before generated.
+def initial_noise(seed, shape):
+    """The reference's x_T: numpy's RandomState stream on the host in float32, so a seed means the same noise on
+    any device and any number of processes."""
+    return torch.from_numpy(np.random.RandomState(seed).standard_normal(shape).astype(np.float32))
+
+
+@torch.no_grad()
+def generate(net, vae, sample, condition_frames, text_emb, neg_text_emb, device, steps=35, shift=5.0,
+             sampler="unipc", progress=None, cfg_group=None):
+    """One sample -> (video uint8 [T,H,W,3], latents [1,16,t,h,w] fp32). condition_frames: uint8 [k,H,W,3]
+    from read_condition_frames (None for Text2World); text_emb, neg_text_emb: [1,L,D] (neg None when g = 0);
+    cfg_group: the guidance pair of make_velocity_fn (None: both passes here); progress: a progress bar's label."""
+    H, W = sample.resolution
+    shape = (1, LATENT_CHANNELS, 1 + (sample.num_frames - 1) // VAE_TIME_FACTOR, H // VAE_SPACE_FACTOR,
+             W // VAE_SPACE_FACTOR)
+    noise = initial_noise(sample.seed, shape).to(device)
+    cond_latent = torch.zeros_like(noise)
+    n = sample.num_cond_frames
+    if n > 0:
+        video = frames_to_tensor(torch.from_numpy(condition_frames).to(device), dtype_for(device))  # [3,k,H,W]
+        cond_latent[:, :, :n] = vae.encode(video[None]).float()
+    velocity_fn = make_velocity_fn(net, noise, cond_latent, n, text_emb.to(device),
+                                   None if neg_text_emb is None else neg_text_emb.to(device), sample.guidance,
+                                   cfg_group)
+    sigmas, net_sigmas = flow_schedule(steps, shift)
+    latents = SAMPLERS[sampler](velocity_fn, noise, sigmas, net_sigmas, progress=progress)
+    video = vae.decode(latents)[0].float()  # [3,T,H,W], about [-1,1]; one latent frame (4 pixel frames) at a time
+    # the reference's conversion: to [0,1], clamp, x255, truncate
+    video = ((video + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8).permute(1, 2, 3, 0)  # [T,H,W,3]
+    return video.cpu(), latents.cpu()
+
+
+@torch.no_grad()
+def generate_chunks(net, vae, sample, condition_frames, text_emb, neg_text_emb, device, steps=35, shift=5.0,
+                    sampler="unipc", progress=None, cfg_group=None, model_frames=DEFAULT_NUM_FRAMES):
+    """A long video in autoregressive chunks, as the reference's generate_autoregressive_from_batch does it ->
+    (video uint8 [num_frames,H,W,3], latents [chunks,16,t,h,w]). Chunk k holds the frames [k s, k s + chunk_size)
+    (stride s = chunk_size - 1), cut at num_frames; generate makes it at the model's length `model_frames` with
+    seed + k, and it keeps its first frames. Chunk 0 is conditioned like the sample; each later one like
+    Image2World on its first frame, the last frame of the chunk before, and drops that frame."""
+    size, total = sample.chunk_size, sample.num_frames
+    starts = range(0, max(total - size, 0) + size - 1, size - 1)  # until a chunk reaches the last frame
+    video, latents = [], []
+    for k, start in enumerate(starts):
+        chunk = replace(sample, seed=sample.seed + k, num_frames=model_frames,
+                        num_cond_frames=1 if k else sample.num_cond_frames)
+        cond = video[-1][-1:].numpy() if k else condition_frames
+        label = progress and f"{progress}, chunk {k + 1}/{len(starts)}"
+        frames, z = generate(net, vae, chunk, cond, text_emb, neg_text_emb, device, steps, shift, sampler, label,
+                             cfg_group)
+        end = min(start + size, total)
+        video.append(frames[1 if k else 0:end - start])  # a later chunk's first frame is the chunk before's last
+        latents.append(z)
+    return torch.cat(video), torch.cat(latents)
+
+
+def generate_to_file(net, path, vae, text_emb, neg_text_emb=None, num_frames=DEFAULT_NUM_FRAMES,
+                     resolution=DEFAULT_RESOLUTION, steps=35, guidance=7.0, seed=1, device="cuda", fps=16):
+    """Text2World with the networks already in memory (train.py's validation videos): `vae` from load_vae,
+    text_emb / neg_text_emb [1,L,D] from encode_prompts (neg_text_emb needed when guidance > 0). Writes an mp4 to
+    `path` and returns the video uint8 [T,H,W,3]. path=None samples without writing: under FSDP every rank must
+    run the same number of forwards, so a rank short of prompts samples a spare one and drops it."""
+    guidance = check_value(guidance, *SETTINGS["guidance"][1:], "guidance")
+    if guidance and neg_text_emb is None:
+        raise ValueError("guidance > 0 needs neg_text_emb (the negative prompt's embedding)")
+    resolution = parse_resolution(",".join(str(n) for n in resolution), "resolution")
+    s = Sample("validation", "", None, 0, "", seed, guidance, resolution, check_num_frames(num_frames, "num_frames"))
+    video, _ = generate(net, vae, s, None, text_emb, neg_text_emb if guidance else None, torch.device(device), steps)
+    if path is not None:
+        write_video(path, video.numpy(), fps=fps)
+    return video
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Inputs: samples from the command line or sample files, checked before anything heavy runs
+# ----------------------------------------------------------------------------------------------------------------
+
+# The checked settings: name -> (where a sample file does not set it, the command-line option that does, or the value
+# itself, or None for an option alone; type; test; the test in words). The reference conditions later chunks on
+# chunk_overlap latent frames: only with 1 are they frames that the chunk before generated.
 SETTINGS = {
     "negative_prompt": ("--negative_prompt", str, None, None),
-    "seed": ("--seed", int, 0, 2**32 - 1),  # numpy's RandomState
-    "guidance": ("--guidance", float, 0, None),
+    "seed": ("--seed", int, lambda n: 0 <= n < 2**32, "from 0 to 4294967295"),  # numpy's RandomState
+    "guidance": ("--guidance", float, lambda g: g >= 0, ">= 0"),
     "resolution": ("--resolution", str, None, None),  # "H,W", or "none": the command line's
-    "num_output_frames": ("--num_frames", int, 1, None),  # the reference makes 93 in one pass, whatever it says
-    "num_steps": ("--steps", int, 1, None),
+    "num_output_frames": ("--num_frames", int, lambda n: n >= 1, ">= 1"),  # the reference makes 93, whatever it says
+    "num_steps": ("--steps", int, lambda n: n >= 1, ">= 1"),
     "enable_autoregressive": (False, bool, None, None),  # on by itself beyond DEFAULT_NUM_FRAMES
-    "chunk_size": ("--chunk_size", int, 5, DEFAULT_NUM_FRAMES),  # >= 5: a video's conditioning frames fit chunk 0
-    "chunk_overlap": (1, int, 1, 1),
+    # >= 5: a video's conditioning frames fit in chunk 0
+    "chunk_size": ("--chunk_size", int, lambda n: 5 <= n <= DEFAULT_NUM_FRAMES, f"from 5 to {DEFAULT_NUM_FRAMES}"),
+    "chunk_overlap": (1, int, lambda n: n == 1, "1"),
+    "shift": (None, float, lambda x: 0 < x < math.inf, "> 0"),  # 0: sigma 0 everywhere; < 0: sigmas outside (0, 1)
+    "fps": (None, int, lambda n: n >= 1, ">= 1"),
 }
-SAMPLE_FIELDS = ("name", "inference_type", "prompt", "prompt_path", "input_path", *SETTINGS)
+FILE_SETTINGS = [field for field, (option, *_) in SETTINGS.items() if option is not None]
+SAMPLE_FIELDS = ("name", "inference_type", "prompt", "prompt_path", "input_path", *FILE_SETTINGS)
 # the older batch format: a file of these fields, `samples` mapping names to BATCH_SAMPLE_FIELDS
 BATCH_FIELDS = ("inference_type", "samples", "negative_prompt", "seed", "guidance", "resolution", "num_output_frames")
 BATCH_SAMPLE_FIELDS = ("prompt", "prompt_path", "input_path")
 TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 
 
+def check_value(value, kind, test, words, source):
+    """`value` if it is of `kind` (an int is a number too, a bool nothing but true or false) and passes `test`."""
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, (int, float) if kind is float else kind):
+        raise ValueError(f"{source} must be {TYPE_NAMES[kind]}, got {value!r}")
+    if test is not None and not test(value):
+        raise ValueError(f"{source} must be {words}, got {value!r}")
+    return value
+
+
+def option_type(field):
+    """The argparse type of SETTINGS[field]: a bad value is refused by argparse, which names the option."""
+    kind = SETTINGS[field][1]
+
+    def parse(text):
+        value = kind(text)  # no number at all: argparse says "invalid int value: 'x'"
+        try:
+            return check_value(value, *SETTINGS[field][1:], "")
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).lstrip()) from None
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def parse_resolution(text, source):
-    """'H,W' (multiples of 16: VAE factor 8 times the DiT patch 2) -> (H, W)."""
-    parts = str(text).split(",")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"{source}: resolution must be 'H,W' in pixels, got {text!r}")
-    H, W = (int(p) for p in parts)
-    if H <= 0 or W <= 0 or H % 16 or W % 16:
-        raise ValueError(f"{source}: resolution {H},{W} must be positive multiples of 16")
-    return H, W
+    """'H,W' in pixels, multiples of 16 (the VAE's 8 times the DiT's patch 2) -> (H, W)."""
+    try:
+        return training_size(str(text))
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"{source}: {e}") from None
 
 
 def check_num_frames(n, source):
@@ -274,15 +372,8 @@ def check_num_frames(n, source):
     return n
 
 
-def check_guidance(g, source):
-    if isinstance(g, bool) or not isinstance(g, (int, float)) or not g >= 0:
-        raise ValueError(f"{source}: guidance must be a number >= 0, got {g!r}")
-    return g
-
-
 def check_input(path, num_cond_frames, source):
     """The conditioning input exists and suits the mode (an image gives 1 latent frame only)."""
-    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{source}: input file {path} does not exist")
     if num_cond_frames == 2 and path.suffix.lower() in IMAGE_EXTENSIONS:
@@ -310,17 +401,17 @@ def parse_sample(fields, args, folder, where):
     if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
         raise ValueError(f"{where}: the name {name!r} becomes the file name <-o>/<name>.mp4, so it must be a plain "
                          f"file name (no folders)")
-    if not isinstance(mode, str) or mode not in INFERENCE_TYPES:
-        raise ValueError(f"{where}: inference_type must be one of {', '.join(INFERENCE_TYPES)}, got {mode!r}")
+    if mode not in MODE_NAMES:
+        raise ValueError(f"{where}: inference_type must be one of {', '.join(MODE_NAMES)}, got {mode!r}")
     value, source = {}, {}
-    for field, (option, kind, least, most) in SETTINGS.items():
-        source[field] = f"{where}: {field}" if field in fields else option
-        v = value[field] = fields.get(field, getattr(args, option[2:]) if isinstance(option, str) else option)
-        if isinstance(v, bool) != (kind is bool) or not isinstance(v, (int, float) if kind is float else kind):
-            raise ValueError(f"{source[field]} must be {TYPE_NAMES[kind]}, got {v!r}")
-        if least is not None and v < least or most is not None and v > most:
-            bounds = f">= {least}" if most is None else f"from {least} to {most}"
-            raise ValueError(f"{source[field]} must be {bounds}, got {v!r}")
+    for field in FILE_SETTINGS:
+        option = SETTINGS[field][0]
+        if field in fields:
+            source[field] = f"{where}: {field}"
+            value[field] = check_value(fields[field], *SETTINGS[field][1:], source[field])
+        else:  # the command line's (argparse checked it), or the value itself
+            source[field] = option
+            value[field] = getattr(args, option[2:]) if isinstance(option, str) else option
     prompt = fields.get("prompt", "")
     if ("prompt" in fields) == ("prompt_path" in fields) or not isinstance(prompt, str):
         raise ValueError(f"{where}: needs a string 'prompt' or a 'prompt_path' (one of them)")
@@ -329,7 +420,7 @@ def parse_sample(fields, args, folder, where):
         if not prompt_path.is_file():
             raise FileNotFoundError(f"{where}: prompt_path {prompt_path} does not exist")
         prompt = prompt_path.read_text().strip()
-    n = INFERENCE_TYPES[mode]
+    n = MODE_NAMES.index(mode)
     if bool(n) != ("input_path" in fields):
         raise ValueError(f"{where}: {mode} {'needs an' if n else 'takes no'} input_path")
     frames = value["num_output_frames"]
@@ -405,14 +496,12 @@ def read_sample_files(paths, args):
 
 def read_condition_frames(sample):
     """The pixels behind the conditioning latent frames, uint8 [1 + 4(n-1), H, W, 3]: the image, or the last
-    1 + 4(n-1) frames of the video, scaled to cover (H, W) and center-cropped (spec §3.4).
+    1 + 4(n-1) frames of the video, scaled to cover (H, W) and center-cropped.
 
     The reference pads these to the full clip (zeros after an image, the last frame repeated after a video) and
     encodes all of it; the VAE is causal, so the first n latent frames, the only ones used, depend on these pixels
     alone and encoding them alone gives the same latents for a fraction of the work.
     """
-    from prep_data import read_image, read_video, resize_frames, video_info
-
     n, path = sample.num_cond_frames, sample.input_path
     needed = 1 + VAE_TIME_FACTOR * (n - 1)
     if path.suffix.lower() in IMAGE_EXTENSIONS:
@@ -427,15 +516,13 @@ def read_condition_frames(sample):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 5. Networks
+# 6. Networks: text embeddings, the DiT with its adapters, the VAE
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def encode_prompts(texts, text_encoder, device):
-    """{text: embedding [1,512,100352] on the CPU} for each distinct text, from the text encoder folder
-    `text_encoder`; the encoder is freed before returning, so the DiT and the VAE never share the GPU with it."""
-    from model import TextEncoder
-
+    """{text: embedding [1,512,100352] on the CPU} for each distinct text, by the text encoder in the folder
+    `text_encoder`, which is freed before returning: the DiT and the VAE never share the device with it."""
     texts = list(dict.fromkeys(texts))
     try:
         encoder = TextEncoder.from_pretrained(text_encoder, device=device, dtype=dtype_for(device))
@@ -450,12 +537,11 @@ def encode_prompts(texts, text_encoder, device):
 
 
 def text_embeddings(samples, text_encoder, prompt_embeds, device):
-    """{text: embedding [1,512,100352] on the CPU} for every prompt, and every negative prompt that guidance uses.
-    With `prompt_embeds` (one sample) they come from that file: a .safetensors or .pt holding the tensors
-    'prompt' and, when guidance > 0, 'negative_prompt'. Otherwise the text encoder computes them."""
+    """{text: embedding [1,L,D] on the CPU} for every prompt and every negative prompt that guidance uses: by the
+    text encoder, or (one sample) from the file `prompt_embeds` with 'prompt' and, for g > 0, 'negative_prompt'."""
     if prompt_embeds is None:
-        return encode_prompts([t for s in samples for t in [s.prompt] + ([s.negative_prompt] if s.guidance else [])],
-                              text_encoder, device)
+        texts = [t for s in samples for t in [s.prompt] + ([s.negative_prompt] if s.guidance else [])]
+        return encode_prompts(texts, text_encoder, device)
     (sample,) = samples
     tensors = read_tensor_file(prompt_embeds)
     wanted = {"prompt": sample.prompt} | ({"negative_prompt": sample.negative_prompt} if sample.guidance else {})
@@ -466,10 +552,8 @@ def text_embeddings(samples, text_encoder, prompt_embeds, device):
 
 
 def check_text_width(net, text_encoder, prompt_embeds):
-    """The text embeddings must be as wide as the DiT's cross-attention input (28 layers x 3584 = 100352 for
-    Cosmos-Reason1-7B); checked from the encoder's config.json or the embedding file, before anything runs."""
-    from model import TextEncoderConfig
-
+    """The text embeddings are as wide as the DiT's cross-attention input (28 layers x 3584 = 100352 for
+    Cosmos-Reason1-7B): by the encoder's config.json or the embedding file."""
     if prompt_embeds is not None:
         widths = {k: v.shape[-1] for k, v in read_tensor_file(prompt_embeds).items()}
         source = f"--prompt_embeds {prompt_embeds}"
@@ -487,12 +571,87 @@ def check_text_width(net, text_encoder, prompt_embeds):
                          f"but the DiT's cross-attention takes {expected}")
 
 
-def parse_lora_spec(spec):
-    """--lora's argparse type: 'file[:scale]' -> (Path, scale), by convert.py's parser (imported only here, as
-    convert imports train)."""
-    from convert import parse_lora_arg
+def read_config_file(path):
+    """The settings of a training config, {key: value}: a .py file of plain assignments (run, as train.py runs
+    it) or a run's config.json. The caller checks the keys and values."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    if path.suffix not in (".py", ".json"):
+        raise ValueError(f"config file {path}: expected a .py file of assignments or a run's config.json")
+    try:
+        if path.suffix == ".json":
+            settings = json.loads(path.read_text())
+        else:
+            settings = {}
+            exec(compile(path.read_text(), str(path), "exec"), settings)
+    except Exception as e:  # bad JSON, or whatever the file's code raises
+        raise ValueError(f"config file {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"config file {path}: expected an object of settings, got {type(settings).__name__}")
+    return {k: v for k, v in settings.items() if not k.startswith("__")}
 
-    return parse_lora_arg(spec)
+
+# The training config's settings that shape the DiT (type, test, the test in words); the rest is train.py's.
+DIT_SETTINGS = {
+    "dit_preset": (str, lambda name: name in DIT_PRESETS, f"one of {', '.join(DIT_PRESETS)}"),
+    "use_lora": (bool, None, None),
+    "lora_rank": (int, lambda r: r >= 1, ">= 1"),
+    "lora_alpha": (float, None, None),
+    "lora_target_modules": (str, None, None),
+}
+
+
+def load_dit(ckpt, loras=(), config=None, force=False):
+    """The DiT of an official-layout checkpoint (a LoRA run's adapters included) plus the `--lora` adapters
+    (path, scale), on the CPU in the checkpoint's dtype. The file is memory-mapped, so this is cheap: every shape
+    is checked here, before any heavy work, and the weights are read when the model moves to the device.
+    A training config file (like the reference's --experiment) gives the DIT_SETTINGS it sets; the others come
+    from the checkpoint: the preset from its shapes, the adapters from its keys, alpha from checkpoint_alpha."""
+    state_dict = load_checkpoint_file(ckpt, prefix="net.")
+    conf = {}
+    if config is not None:
+        settings = read_config_file(config)
+        for key in DIT_SETTINGS.keys() & settings.keys():
+            conf[key] = check_value(settings[key], *DIT_SETTINGS[key], f"--config {config}: {key}")
+    with torch.device("meta"):
+        net = DiT(DIT_PRESETS[conf["dit_preset"]] if "dit_preset" in conf else infer_dit_config(state_dict, ckpt))
+    add_checkpoint_adapters(net, state_dict, ckpt, conf, config)
+    try:
+        net.load_official_state_dict(state_dict, source=ckpt)
+    except KeyError as e:
+        raise ValueError(e.args[0]) from None
+    for i, (path, scale) in enumerate(loras):
+        add_adapter_file(net, f"lora{i}", path, scale, state_dict, ckpt, force)
+    return net.eval()
+
+
+def add_checkpoint_adapters(net, state_dict, ckpt, conf, config):
+    """Inject the adapters of a LoRA run's model file into exactly the modules it names, their rank from its shapes
+    and alpha from checkpoint_alpha, where the config `conf` does not set them (the strict load checks it does so
+    rightly). A file that sets LoRA settings without use_lora describes a LoRA run."""
+    ranks = {}  # adapter name -> {module: rank}
+    for key, value in state_dict.items():
+        if ".lora_A." in key:
+            module, rest = key.split(".lora_A.")
+            ranks.setdefault(rest.removesuffix(".weight"), {})[module] = value.shape[0]
+    has_lora = any(".lora_" in k for k in state_dict)
+    lora_keys = [k for k in ("lora_rank", "lora_alpha", "lora_target_modules") if k in conf]
+    use_lora = conf.get("use_lora", has_lora or bool(lora_keys))
+    if use_lora != has_lora:
+        said = f"use_lora={use_lora}" if "use_lora" in conf else ", ".join(f"{k}={conf[k]!r}" for k in lora_keys)
+        raise ValueError(f"--config {config} sets {said}, but --ckpt {ckpt} {'holds' if has_lora else 'holds no'} "
+                         f"LoRA weights: give the model file exported from that run, or leave --config out (the DiT "
+                         f"is then read from the checkpoint's shapes)")
+    for name, modules in ranks.items():
+        if len(set(modules.values())) != 1:
+            raise ValueError(f"adapter {name!r} has several ranks {sorted(set(modules.values()))}")
+        rank = conf.get("lora_rank", next(iter(modules.values())))
+        alpha = conf["lora_alpha"] if "lora_alpha" in conf else checkpoint_alpha(ckpt, rank)
+        try:
+            inject_lora(net, conf.get("lora_target_modules", list(modules)), rank, alpha, adapter_name=name)
+        except ValueError as e:  # no module of that name
+            raise ValueError(f"adapter {name!r}: {e}") from None
 
 
 def checkpoint_alpha(ckpt, rank):
@@ -504,101 +663,44 @@ def checkpoint_alpha(ckpt, rank):
         if recorded.get("lora_rank") == rank and "lora_alpha" in recorded:
             return recorded["lora_alpha"]
     print(f"{ckpt}: the alpha of its rank-{rank} adapter is not recorded beside it (no meta.json from train.py, or "
-          f"one of another rank); taking alpha = rank (scale 1). If the run used another alpha, pass its config "
-          f"with --config")
+          f"one of another rank); taking alpha = rank (scale 1). If the run used another alpha, give a config that "
+          f"sets lora_alpha with --config")
     return rank
 
 
-def add_adapters(net, state_dict, ckpt):
-    """Inject the adapters whose `lora_A` weights appear in `state_dict` (rank from their shape; alpha from
-    checkpoint_alpha) into exactly the modules named there. Returns the adapter names."""
-    from lora import inject_lora
-
-    modules = {}  # adapter name -> {module: rank}
-    for key, value in state_dict.items():
-        if ".lora_A." in key:
-            module, rest = key.split(".lora_A.")
-            modules.setdefault(rest.removesuffix(".weight"), {})[module] = value.shape[0]
-    for name, ranks in modules.items():
-        if len(set(ranks.values())) != 1:
-            raise ValueError(f"adapter {name!r} has several ranks {sorted(set(ranks.values()))}")
-        rank = next(iter(ranks.values()))
-        try:
-            inject_lora(net, list(ranks), rank=rank, alpha=checkpoint_alpha(ckpt, rank), adapter_name=name)
-        except ValueError as e:  # no module of that name
-            raise ValueError(f"adapter {name!r}: {e}") from None
-    return list(modules)
+def add_adapter_file(net, name, path, scale, state_dict, ckpt, force):
+    """Add the adapter file `path` (ours, diffusers' or ComfyUI's) as `name`, its output scaled by `scale`. It must
+    not be the checkpoint's own adapter, and must be trained on this checkpoint (by the base fingerprint it records;
+    `force` takes another, with a warning)."""
+    adapter = read_adapter(path)
+    if holds_adapter(state_dict, adapter):
+        raise ValueError(f"--lora {path} is the adapter that --ckpt {ckpt} already holds (a LoRA run's model "
+                         f"file carries it): it would act twice; drop --lora, or give the base model as --ckpt")
+    check_adapter_base(adapter, path, f"--ckpt {ckpt}", file_fingerprint(ckpt), force)
+    try:
+        inject_lora(net, list(adapter.modules), rank=adapter.rank, alpha=adapter.alpha, adapter_name=name)
+        load_lora_state_dict(net, adapter.state_dict(name), name)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"--lora {path}: {e.args[0]} (an adapter trained for another model size?)") from None
+    set_adapter_scale(net, name, scale)
 
 
 def holds_adapter(state_dict, adapter):
-    """Whether a checkpoint's own LoRA weights are this adapter's (to within bf16 rounding, as an fp32 export of the
-    same run is): each module's A and B against the checkpoint's under any adapter name."""
-    def same(a, b):
-        return a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-6)
+    """Whether a checkpoint's own LoRA weights, under some adapter name, are this adapter's (to within bf16
+    rounding, as an fp32 export of the same run is)."""
+    def same(key, weight):
+        mine = state_dict.get(key)
+        return mine is not None and mine.shape == weight.shape and torch.allclose(mine.float(), weight.float(),
+                                                                                  rtol=1e-2, atol=1e-6)
 
-    for module, (A, B) in adapter.modules.items():
-        tails = {k.split(".lora_A.")[1] for k in state_dict if k.startswith(module + ".lora_A.")}  # "<name>.weight"
-        if not any(same(state_dict[f"{module}.lora_A.{n}"], A) and same(state_dict[f"{module}.lora_B.{n}"], B)
-                   for n in tails):
-            return False
-    return bool(adapter.modules)
-
-
-def load_dit(ckpt, loras=(), config=None, force=False):
-    """The DiT of an official-layout checkpoint (a LoRA run's adapters included) plus the `--lora` adapters
-    (path, scale), each trained on this checkpoint (its recorded base fingerprint; `force` takes another with a
-    warning), on the CPU in the checkpoint's dtype. The file is memory-mapped, so this is cheap: every shape
-    is checked here, before any heavy work, and the weights are read when the model moves to the GPU.
-    The preset and the checkpoint's adapter come from its shapes (alpha: checkpoint_alpha), or from a training config
-    file (`dit_preset`, `use_lora`, `lora_rank`, `lora_alpha`, `lora_target_modules`), like the reference's
-    --experiment."""
-    from convert import check_adapter_base, file_fingerprint, read_adapter
-    from lora import inject_lora, load_lora_state_dict, set_adapter_scale
-    from model import DIT_PRESETS, DiT, infer_dit_config, load_checkpoint_file
-
-    state_dict = load_checkpoint_file(ckpt, prefix="net.")
-    if config is None:
-        with torch.device("meta"):
-            net = DiT(infer_dit_config(state_dict, ckpt))
-        add_adapters(net, state_dict, ckpt)
-    else:
-        import train
-
-        conf = train.load_config([str(config)])
-        with torch.device("meta"):
-            net = DiT(DIT_PRESETS[conf["dit_preset"]])
-        has_lora = any(".lora_" in k for k in state_dict)
-        if conf["use_lora"] != has_lora:
-            raise ValueError(f"--config {config} sets use_lora={conf['use_lora']}, but --ckpt {ckpt} "
-                             f"{'holds' if has_lora else 'holds no'} LoRA weights: give the model file exported from "
-                             f"that run, or leave --config out (the DiT is then read from the checkpoint's shapes)")
-        if conf["use_lora"]:
-            inject_lora(net, conf["lora_target_modules"], rank=conf["lora_rank"], alpha=conf["lora_alpha"])
-    try:
-        net.load_official_state_dict(state_dict, source=ckpt)
-    except KeyError as e:
-        raise ValueError(e.args[0]) from None
-    for i, (path, scale) in enumerate(loras):
-        name = f"lora{i}"
-        adapter = read_adapter(path)  # ours, diffusers' or ComfyUI's layout, with its rank and alpha
-        if holds_adapter(state_dict, adapter):
-            raise ValueError(f"--lora {path} is the adapter that --ckpt {ckpt} already holds (a LoRA run's model "
-                             f"file carries it): it would act twice; drop --lora, or give the base model as --ckpt")
-        check_adapter_base(adapter, path, f"--ckpt {ckpt}", file_fingerprint(ckpt), force)
-        try:
-            inject_lora(net, list(adapter.modules), rank=adapter.rank, alpha=adapter.alpha, adapter_name=name)
-            load_lora_state_dict(net, adapter.state_dict(name), name)
-        except (KeyError, ValueError) as e:
-            raise ValueError(f"--lora {path}: {e.args[0]} (an adapter trained for another model size?)") from None
-        set_adapter_scale(net, name, scale)
-    return net.eval()
+    tails = {k.split(".lora_A.")[1] for k in state_dict if ".lora_A." in k}  # "<adapter name>.weight"
+    return any(all(same(f"{m}.lora_A.{t}", A) and same(f"{m}.lora_B.{t}", B) for m, (A, B) in adapter.modules.items())
+               for t in tails)
 
 
 def dit_to_device(net, device, merge=False):
     """Move the DiT to the device in the inference dtype; `merge` folds every adapter into the base weights
     (W += scale B A: one matmul per layer instead of three)."""
-    from lora import lora_modules, merge_lora
-
     net = net.to(device=device, dtype=dtype_for(device))
     if merge:
         for name in dict.fromkeys(n for m in lora_modules(net).values() for n in m.lora_A):
@@ -608,103 +710,12 @@ def dit_to_device(net, device, merge=False):
 
 def load_vae(path, device):
     """The Wan VAE of `path` on `device`, in the inference dtype."""
-    from model import WanVAE
-
     return WanVAE.from_pretrained(path, device=device, dtype=dtype_for(device))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 6. Generation
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def generate(net, vae, sample, condition_frames, text_emb, neg_text_emb, device, steps=35, shift=5.0,
-             sampler="unipc", progress=None, cfg_group=None):
-    """One sample -> (video uint8 [T,H,W,3], latents [1,16,t,h,w] fp32). condition_frames: uint8 [k,H,W,3]
-    from read_condition_frames (None for Text2World); text_emb, neg_text_emb: [1,L,D] (neg None when g = 0);
-    cfg_group: the guidance pair of make_velocity_fn (None: both passes here); progress: a progress bar's label."""
-    from prep_data import frames_to_tensor
-
-    H, W = sample.resolution
-    shape = (1, LATENT_CHANNELS, 1 + (sample.num_frames - 1) // VAE_TIME_FACTOR, H // VAE_SPACE_FACTOR,
-             W // VAE_SPACE_FACTOR)
-    noise = initial_noise(sample.seed, shape).to(device)
-    cond_latent = torch.zeros_like(noise)
-    n = sample.num_cond_frames
-    if n > 0:
-        video = frames_to_tensor(torch.from_numpy(condition_frames).to(device), dtype_for(device))  # [3,k,H,W]
-        cond_latent[:, :, :n] = vae.encode(video[None]).float()
-    velocity_fn = make_velocity_fn(net, noise, cond_latent, n, text_emb.to(device),
-                                   None if neg_text_emb is None else neg_text_emb.to(device), sample.guidance,
-                                   cfg_group)
-    sigmas, net_sigmas = flow_schedule(steps, shift)
-    latents = SAMPLERS[sampler](velocity_fn, noise, sigmas, net_sigmas, progress=progress)
-    video = vae.decode(latents)[0].float()  # [3,T,H,W], about [-1,1]; one latent frame (4 pixel frames) at a time
-    # the reference's conversion: to [0,1], clamp, x255, truncate
-    video = ((video + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8).permute(1, 2, 3, 0)  # [T,H,W,3]
-    return video.cpu(), latents.cpu()
-
-
-@torch.no_grad()
-def generate_chunks(net, vae, sample, condition_frames, text_emb, neg_text_emb, device, steps=35, shift=5.0,
-                    sampler="unipc", progress=None, cfg_group=None, model_frames=DEFAULT_NUM_FRAMES):
-    """A long video in autoregressive chunks, as the reference's generate_autoregressive_from_batch does it ->
-    (video uint8 [num_frames,H,W,3], latents [chunks,16,t,h,w]). Chunk k holds the frames [k s, k s + chunk_size)
-    (stride s = chunk_size - 1), cut at num_frames; generate makes it at the model's length `model_frames` with
-    seed + k, and it keeps its first frames. Chunk 0 is conditioned like the sample; each later one like
-    Image2World on its first frame, the last frame of the chunk before, and drops that frame."""
-    size, total = sample.chunk_size, sample.num_frames
-    starts = range(0, max(total - size, 0) + size - 1, size - 1)  # until a chunk reaches the last frame
-    video, latents = [], []
-    for k, start in enumerate(starts):
-        chunk = replace(sample, seed=sample.seed + k, num_frames=model_frames,
-                        num_cond_frames=1 if k else sample.num_cond_frames)
-        cond = video[-1][-1:].numpy() if k else condition_frames
-        label = progress and f"{progress}, chunk {k + 1}/{len(starts)}"
-        frames, z = generate(net, vae, chunk, cond, text_emb, neg_text_emb, device, steps, shift, sampler, label,
-                             cfg_group)
-        end = min(start + size, total)
-        video.append(frames[1 if k else 0:end - start])  # a later chunk's first frame is the chunk before's last
-        latents.append(z)
-    return torch.cat(video), torch.cat(latents)
-
-
-def generate_to_file(net, path, vae, text_emb, neg_text_emb=None, num_frames=DEFAULT_NUM_FRAMES,
-                     resolution=DEFAULT_RESOLUTION, steps=35, guidance=7.0, seed=1, device="cuda", fps=16):
-    """Text2World with the networks already in memory (train.py's validation videos): `vae` from load_vae,
-    text_emb / neg_text_emb [1,L,D] from encode_prompts (neg_text_emb needed when guidance > 0). Writes an mp4 to
-    `path` and returns the video uint8 [T,H,W,3]. path=None samples without writing: under FSDP every rank must
-    run the same number of forwards, so a rank short of prompts samples a spare one and drops it."""
-    from prep_data import write_video
-
-    device = torch.device(device)
-    guidance = check_guidance(guidance, "guidance")
-    if guidance and neg_text_emb is None:
-        raise ValueError("guidance > 0 needs neg_text_emb (the negative prompt's embedding)")
-    resolution = parse_resolution(",".join(str(n) for n in resolution), "resolution")
-    s = Sample("validation", "", None, 0, "", seed, guidance, resolution, check_num_frames(num_frames, "num_frames"))
-    video, _ = generate(net, vae, s, None, text_emb, neg_text_emb if guidance else None, device, steps)
-    if path is not None:
-        write_video(path, video.numpy(), fps=fps)
-    return video
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 7. Command line
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def checked(kind, ok, expected):
-    """An argparse type: kind(text), refused unless ok(value), so argparse names the option (exit code 2)."""
-    def parse(text):
-        value = kind(text)
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
-    return parse
 
 
 def build_parser():
@@ -725,13 +736,13 @@ def build_parser():
                       help="also write the final latents (.safetensors; a long video's: one row per chunk)")
     nets = p.add_argument_group("weights")
     nets.add_argument("--ckpt", required=True, help="DiT checkpoint in the official layout (e.g. model_ema_bf16.pt)")
-    nets.add_argument("--lora", action="append", default=[], type=parse_lora_spec, metavar="FILE[:SCALE]",
+    nets.add_argument("--lora", action="append", default=[], type=parse_lora_arg, metavar="FILE[:SCALE]",
                       help="an extra adapter (ours, diffusers' or ComfyUI's), its output scaled by SCALE (default 1); "
                            "repeatable")
     nets.add_argument("--force", action="store_true", help="use a --lora adapter trained on another base than --ckpt")
     nets.add_argument("--merge", action="store_true", help="fold the adapters into the base weights (faster)")
-    nets.add_argument("--config", help="the training config (e.g. configs/nemo_lora.py) giving the DiT preset and "
-                                       "the checkpoint's LoRA settings; default: read from the checkpoint's shapes")
+    nets.add_argument("--config", help="the training config (configs/*.py, or a run's config.json) whose DiT preset "
+                                       "and LoRA settings to take; default: read from the checkpoint")
     nets.add_argument("--vae", required=True, help="Wan2.1 VAE weights (tokenizer.pth)")
     nets.add_argument("--text_encoder", help="Cosmos-Reason1 folder (Hugging Face layout)")
     nets.add_argument("--prompt_embeds", help="cached embeddings instead of the text encoder: a file with tensors "
@@ -739,22 +750,21 @@ def build_parser():
     how = p.add_argument_group("sampling (a sample file's own fields take precedence)")
     how.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT,
                      help="the unconditional branch's prompt (default: the reference's)")
-    how.add_argument("--guidance", type=float, default=7.0,
+    how.add_argument("--guidance", type=option_type("guidance"), default=7.0,
                      help="g in v = v_cond + g (v_cond - v_uncond); 0 runs no unconditional pass (default: 7)")
-    how.add_argument("--seed", type=checked(int, lambda n: 0 <= n < 2**32, "an integer in [0, 2**32)"), default=1,
+    how.add_argument("--seed", type=option_type("seed"), default=1,
                      help="seed of the initial noise, numpy RandomState (default: 1)")
     how.add_argument("--resolution", default=f"{DEFAULT_RESOLUTION[0]},{DEFAULT_RESOLUTION[1]}",
                      help="H,W in pixels, multiples of 16 (default: %(default)s)")
-    how.add_argument("--num_frames", type=int, default=DEFAULT_NUM_FRAMES,
+    how.add_argument("--num_frames", type=option_type("num_output_frames"), default=DEFAULT_NUM_FRAMES,
                      help="pixel frames, 1 + 4k (default: %(default)s); more: in autoregressive chunks")
-    how.add_argument("--chunk_size", type=int, default=77, help="frames per chunk of a long video (default: 77)")
-    how.add_argument("--steps", type=checked(int, lambda n: n >= 1, "an integer >= 1"), default=35,
-                     help="sampler steps (default: %(default)s)")
-    how.add_argument("--shift", type=checked(float, lambda x: 0 < x < math.inf, "a number > 0"), default=5.0,
-                     help="schedule shift towards high noise (default: %(default)s)")
+    how.add_argument("--chunk_size", type=option_type("chunk_size"), default=77,
+                     help="frames per chunk of a long video (default: 77)")
+    how.add_argument("--steps", type=option_type("num_steps"), default=35, help="sampler steps (default: 35)")
+    how.add_argument("--shift", type=option_type("shift"), default=5.0,
+                     help="schedule shift towards high noise (default: 5)")
     how.add_argument("--sampler", choices=list(SAMPLERS), default="unipc", help="flow UniPC (the reference's) or Euler")
-    how.add_argument("--fps", type=checked(int, lambda n: n >= 1, "an integer >= 1"), default=16,
-                     help="frame rate of the written mp4 (default: %(default)s)")
+    how.add_argument("--fps", type=option_type("fps"), default=16, help="frame rate of the mp4 (default: 16)")
     how.add_argument("--context_parallel_size", type=int,
                      help="processes sharing each video (must divide the process count, the DiT's heads and the "
                           "latent frames); default: 1 when the samples divide evenly over the processes, else all")
@@ -773,8 +783,7 @@ def default_context_parallel_size(num_samples, world):
 
 def check_context_parallel(cp, cfg_parallel, world, num_heads, samples):
     """Context parallelism splits the processes into groups, the heads and every sample's latent frames over the
-    processes of one forward pass (a group, or half of it with guidance parallelism): all must divide. Checked
-    before any heavy work."""
+    processes of one forward pass (a group, or half of it with guidance parallelism): all must divide."""
     if cfg_parallel and world % 2:
         raise ValueError(f"--cfg_parallel runs the conditional and the unconditional pass on two halves of the "
                          f"processes: it needs an even number of them (torchrun --nproc_per_node=2 or more), "
@@ -880,7 +889,7 @@ def main(argv=None):
     if args.prompt_embeds and len(samples) != 1:
         raise ValueError("--prompt_embeds holds one prompt's embeddings; a batch needs --text_encoder")
     paths = output_paths(args, samples)
-    for flag, f in [("--ckpt", args.ckpt), ("--vae", args.vae)] + ([("--config", args.config)] if args.config else []):
+    for flag, f in [("--ckpt", args.ckpt), ("--vae", args.vae)]:
         if Path(f).is_dir():
             hint = (f"; a training checkpoint folder is exported first: python convert.py {f} writes "
                     f"model_ema_bf16.pt into it") if flag == "--ckpt" else ""
@@ -917,9 +926,6 @@ def main(argv=None):
     net = dit_to_device(net, device, args.merge)
     net.enable_context_parallel(dit_group)  # the processes of a group run the same sampler; the DiT splits the work
     vae = load_vae(args.vae, device)
-
-    from prep_data import write_safetensors, write_video
-
     for s in mine:
         neg = embeddings[s.negative_prompt] if s.guidance else None
         video, latents = (generate_chunks if s.chunk_size else generate)(
