@@ -7,19 +7,12 @@
     torchrun --nproc_per_node=8 sample.py --prompt "..." -o out.mp4 ...      # one video over 8 GPUs
     torchrun --nproc_per_node=8 sample.py -i prompts.json -o outputs/ ...    # the samples spread over the GPUs
 
-What happens, in the reference's way:
-1. the prompts and the negative prompt go through the text encoder, which is then freed;
-2. an input image (Image2World) or the last 5 frames of an input video (Video2World) are resized, center-cropped
-   and VAE-encoded into 1 or 2 clean latent frames, which stay fixed while the rest is generated;
-3. starting from seeded Gaussian noise, the rectified-flow ODE is integrated from sigma ~1 to 0 with flow UniPC
-   (35 steps, shift 5), the DiT giving the velocity v = eps - x0 with classifier-free guidance;
-4. the VAE decodes the latents and the video is written as an H.264 mp4 at 16 fps.
-
-Several processes (torchrun) share each video by context parallelism (its latent frames split over them, the
-attention heads split inside self-attention: model.py, DiT.enable_context_parallel), or each take whole samples:
-`--context_parallel_size` sets how many share a video; by default one process per sample when the samples divide
-evenly over the processes, else all processes on every video. `--cfg_parallel` also splits guidance: the
-conditional and the unconditional pass run on the two halves of each group. Either way a seed gives the same video.
+As the reference does it: the text encoder embeds the prompts and is freed; an input image, or the last 5 frames
+of an input video, become 1 or 2 clean latent frames that stay fixed; from seeded Gaussian noise, flow UniPC
+(35 steps, shift 5) integrates the rectified-flow ODE from sigma ~1 to 0, the DiT giving the velocity v = eps - x0
+with classifier-free guidance; the VAE decodes the latents into an H.264 mp4 at 16 fps. Several processes share
+a video by context parallelism (its latent frames split over them) or take whole samples, and --cfg_parallel
+splits the two guidance passes between them; a seed gives the same video either way.
 """
 
 import argparse
@@ -88,11 +81,6 @@ def flow_schedule(steps=35, shift=5.0):
 # estimate of the clean sample (its "data prediction") is x0 = x_t - sigma v.
 
 
-def log_snr(sigma):
-    """lambda = log(alpha / sigma) on the flow path, alpha = 1 - sigma."""
-    return math.log((1 - sigma) / sigma)
-
-
 def exp_step(x_s, x0, sigma_s, sigma_t):
     """The exponential-integrator step from sigma_s to sigma_t with a fixed data prediction x0 (= DDIM):
     x_t = alpha_t x0 + sigma_t eps_hat, eps_hat = (x_s - alpha_s x0) / sigma_s. Exact when x0 does not change."""
@@ -118,10 +106,9 @@ def unipc_sample(velocity_fn, x_T, sigmas, net_sigmas, progress=None):
     At step i the network is evaluated at x_i; its data prediction m_i first corrects x_i (UniC, using the step
     that produced x_i) and then predicts x_{i+1} (UniP) from m_i and m_{i-1}. The order is 1 at the first step
     (no history) and at the last step (to sigma = 0, where the update returns m_i itself), 2 in between.
-    `progress`: the label of a progress bar, None for none.
-    """
+    `progress`: a progress bar's label (None: no bar)."""
     sig = [float(s) for s in sigmas]
-    lam = [log_snr(s) if 0 < s < 1 else None for s in sig]
+    lam = [math.log((1 - s) / s) if 0 < s < 1 else None for s in sig]  # log-SNR log(alpha / sigma)
     N = len(sig) - 1
     x = x_T.float()
     x_prev = m_prev = m_prev2 = None  # x_{i-1} after correction, m_{i-1}, m_{i-2}
@@ -170,18 +157,13 @@ SAMPLERS = {"unipc": unipc_sample, "euler": euler_sample}
 
 
 def make_velocity_fn(net, noise, cond_latent, num_cond_frames, text_emb, neg_text_emb, guidance, cfg_group=None):
-    """velocity_fn(x_t, sigma) for the samplers, the reference's Video2World denoiser (frame replacement).
+    """velocity_fn(x_t, sigma) for the samplers: the reference's Video2World denoiser (frame replacement).
 
-    net(x, sigma, crossattn_emb, condition_mask) is the DiT. noise [B,16,T,H,W] is the initial noise x_T;
-    cond_latent [B,16,T,H,W] holds the clean latent in its first `num_cond_frames` frames (the rest is unused).
-    On those frames the network sees the clean latent (and a mask channel of ones), and its velocity is replaced
-    by noise - cond_latent, the velocity of the straight line from x_T to the clean latent, so the sampler carries
-    them along that line. Guidance: v = v_cond + g (v_cond - v_uncond) (the reference's form: g = 7 weighs the
-    conditional branch by 8), the unconditional branch using the negative prompt and the same conditioning frames,
-    both in one batched forward; g = 0 runs the conditional pass alone. With `cfg_group`, a process group of two
-    (guidance parallelism), its first process runs the conditional pass, the second the unconditional one, and
-    they swap their velocities.
-    """
+    net(x, sigma, crossattn_emb, condition_mask) is the DiT; noise [B,16,T,H,W] is x_T; cond_latent [B,16,T,H,W]
+    holds the clean latent in its first `num_cond_frames` frames. There the network sees the clean latent (and a
+    mask channel of ones), and the velocity noise - cond_latent carries them along the straight line from x_T to
+    the clean latent. Guidance v = v_cond + g (v_cond - v_uncond) runs both branches in one batched forward (g = 0:
+    the conditional one alone), or with `cfg_group` (a pair of processes) one each, swapping their velocities."""
     B, _, T, H, W = noise.shape
     is_cond = (torch.arange(T, device=noise.device) < num_cond_frames).view(1, 1, T, 1, 1)  # [1,1,T,1,1]
     cond_mask = is_cond.to(noise.dtype).expand(B, 1, T, H, W)  # [B,1,T,H,W]
@@ -212,7 +194,7 @@ def make_velocity_fn(net, noise, cond_latent, num_cond_frames, text_emb, neg_tex
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. Generation: one sample, a long video in chunks, a validation video
+# 4. Generation: a sample, a long video in chunks, a validation video
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -252,11 +234,10 @@ def generate(net, vae, sample, condition_frames, text_emb, neg_text_emb, device,
     if n > 0:
         video = frames_to_tensor(torch.from_numpy(condition_frames).to(device), dtype_for(device))  # [3,k,H,W]
         cond_latent[:, :, :n] = vae.encode(video[None]).float()
-    velocity_fn = make_velocity_fn(net, noise, cond_latent, n, text_emb.to(device),
-                                   None if neg_text_emb is None else neg_text_emb.to(device), sample.guidance,
+    neg_text_emb = None if neg_text_emb is None else neg_text_emb.to(device)
+    velocity_fn = make_velocity_fn(net, noise, cond_latent, n, text_emb.to(device), neg_text_emb, sample.guidance,
                                    cfg_group)
-    sigmas, net_sigmas = flow_schedule(steps, shift)
-    latents = SAMPLERS[sampler](velocity_fn, noise, sigmas, net_sigmas, progress=progress)
+    latents = SAMPLERS[sampler](velocity_fn, noise, *flow_schedule(steps, shift), progress=progress)
     video = vae.decode(latents)[0].float()  # [3,T,H,W], about [-1,1]; one latent frame (4 pixel frames) at a time
     # the reference's conversion: to [0,1], clamp, x255, truncate
     video = ((video + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8).permute(1, 2, 3, 0)  # [T,H,W,3]
@@ -289,14 +270,13 @@ def generate_chunks(net, vae, sample, condition_frames, text_emb, neg_text_emb, 
 
 def generate_to_file(net, path, vae, text_emb, neg_text_emb=None, num_frames=DEFAULT_NUM_FRAMES,
                      resolution=DEFAULT_RESOLUTION, steps=35, guidance=7.0, seed=1, device="cuda", fps=16):
-    """Text2World with the networks already in memory (train.py's validation videos): `vae` from load_vae,
-    text_emb / neg_text_emb [1,L,D] from encode_prompts (neg_text_emb needed when guidance > 0). Writes an mp4 to
-    `path` and returns the video uint8 [T,H,W,3]. path=None samples without writing: under FSDP every rank must
-    run the same number of forwards, so a rank short of prompts samples a spare one and drops it."""
+    """Text2World with the networks in memory (train.py's validation videos): text_emb, neg_text_emb [1,L,D] from
+    encode_prompts -> the video uint8 [T,H,W,3], written to the mp4 `path` unless it is None (under FSDP every
+    rank runs the same forwards, so a rank short of prompts samples a spare one and drops it)."""
     guidance = check_value(guidance, *SETTINGS["guidance"][1:], "guidance")
     if guidance and neg_text_emb is None:
         raise ValueError("guidance > 0 needs neg_text_emb (the negative prompt's embedding)")
-    resolution = parse_resolution(",".join(str(n) for n in resolution), "resolution")
+    resolution = parse_resolution(",".join(map(str, resolution)), "resolution")
     s = Sample("validation", "", None, 0, "", seed, guidance, resolution, check_num_frames(num_frames, "num_frames"))
     video, _ = generate(net, vae, s, None, text_emb, neg_text_emb if guidance else None, torch.device(device), steps)
     if path is not None:
@@ -308,9 +288,9 @@ def generate_to_file(net, path, vae, text_emb, neg_text_emb=None, num_frames=DEF
 # 5. Inputs: samples from the command line or sample files, checked before anything heavy runs
 # ----------------------------------------------------------------------------------------------------------------
 
-# The checked settings: name -> (where a sample file does not set it, the command-line option that does, or the value
-# itself, or None for an option alone; type; test; the test in words). The reference conditions later chunks on
-# chunk_overlap latent frames: only with 1 are they frames that the chunk before generated.
+# The checked settings: name -> (where a sample file does not set it: the option that does, or the value itself;
+# None: an option alone), type, test, the test in words. The reference conditions later chunks on chunk_overlap
+# latent frames: only with 1 are they frames that the chunk before generated.
 SETTINGS = {
     "negative_prompt": ("--negative_prompt", str, None, None),
     "seed": ("--seed", int, lambda n: 0 <= n < 2**32, "from 0 to 4294967295"),  # numpy's RandomState
@@ -319,8 +299,7 @@ SETTINGS = {
     "num_output_frames": ("--num_frames", int, lambda n: n >= 1, ">= 1"),  # the reference makes 93, whatever it says
     "num_steps": ("--steps", int, lambda n: n >= 1, ">= 1"),
     "enable_autoregressive": (False, bool, None, None),  # on by itself beyond DEFAULT_NUM_FRAMES
-    # >= 5: a video's conditioning frames fit in chunk 0
-    "chunk_size": ("--chunk_size", int, lambda n: 5 <= n <= DEFAULT_NUM_FRAMES, f"from 5 to {DEFAULT_NUM_FRAMES}"),
+    "chunk_size": ("--chunk_size", int, lambda n: 5 <= n <= 93, "from 5 to 93"),  # a video's 5 frames fit chunk 0
     "chunk_overlap": (1, int, lambda n: n == 1, "1"),
     "shift": (None, float, lambda x: 0 < x < math.inf, "> 0"),  # 0: sigma 0 everywhere; < 0: sigmas outside (0, 1)
     "fps": (None, int, lambda n: n >= 1, ">= 1"),
@@ -343,23 +322,20 @@ def check_value(value, kind, test, words, source):
 
 
 def option_type(field):
-    """The argparse type of SETTINGS[field]: a bad value is refused by argparse, which names the option."""
-    kind = SETTINGS[field][1]
-
+    """The argparse type of SETTINGS[field]: argparse refuses a bad value naming the option (exit status 2)."""
     def parse(text):
-        value = kind(text)  # no number at all: argparse says "invalid int value: 'x'"
+        value = SETTINGS[field][1](text)  # no number at all: argparse says "invalid int value: 'x'"
         try:
             return check_value(value, *SETTINGS[field][1:], "")
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e).lstrip()) from None
 
-    parse.__name__ = kind.__name__
+    parse.__name__ = SETTINGS[field][1].__name__
     return parse
 
 
 def parse_resolution(text, source):
-    """'H,W' in pixels, multiples of 16 (the VAE's 8 times the DiT's patch 2) -> (H, W)."""
-    try:
+    try:  # 'H,W', multiples of 16: the VAE's 8 times the DiT's patch 2
         return training_size(str(text))
     except argparse.ArgumentTypeError as e:
         raise ValueError(f"{source}: {e}") from None
@@ -370,16 +346,6 @@ def check_num_frames(n, source):
         raise ValueError(f"{source}: the number of frames in one pass must be 1 + 4k (e.g. 93, 77, 1), got {n!r}; "
                          f"beyond {DEFAULT_NUM_FRAMES}, or with enable_autoregressive, any number, in chunks")
     return n
-
-
-def check_input(path, num_cond_frames, source):
-    """The conditioning input exists and suits the mode (an image gives 1 latent frame only)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{source}: input file {path} does not exist")
-    if num_cond_frames == 2 and path.suffix.lower() in IMAGE_EXTENSIONS:
-        raise ValueError(f"{source}: video2world needs a video (5 frames make its 2 conditioning latent frames), "
-                         f"got the image {path}; use image2world for an image")
-    return path
 
 
 def check_fields(obj, known, where):
@@ -423,13 +389,18 @@ def parse_sample(fields, args, folder, where):
     n = MODE_NAMES.index(mode)
     if bool(n) != ("input_path" in fields):
         raise ValueError(f"{where}: {mode} {'needs an' if n else 'takes no'} input_path")
+    input_path = folder / str(fields["input_path"]) if n else None
+    if n and not input_path.is_file():
+        raise FileNotFoundError(f"{where}: input file {input_path} does not exist")
+    if n == 2 and input_path.suffix.lower() in IMAGE_EXTENSIONS:  # an image makes 1 latent frame only
+        raise ValueError(f"{where}: video2world needs a video (5 frames make its 2 conditioning latent frames), "
+                         f"got the image {input_path}; use image2world for an image")
     frames = value["num_output_frames"]
     chunked = value["enable_autoregressive"] or frames > DEFAULT_NUM_FRAMES
     if not chunked:
         check_num_frames(frames, source["num_output_frames"])
     resolution = args.resolution if value["resolution"] == "none" else value["resolution"]
-    return Sample(name, prompt, check_input(folder / str(fields["input_path"]), n, where) if n else None, n,
-                  value["negative_prompt"], value["seed"], value["guidance"],
+    return Sample(name, prompt, input_path, n, value["negative_prompt"], value["seed"], value["guidance"],
                   parse_resolution(resolution, source["resolution"]), frames, value["num_steps"],
                   value["chunk_size"] if chunked else None)
 
@@ -469,10 +440,8 @@ def entry_samples(text, suffix, where):
 
 
 def read_sample_files(paths, args):
-    """The samples of the files given to -i -> (samples, errors). A .json file holds a sample or a batch in the older
-    format, a .jsonl file a sample a line, a .yaml file a sample. Paths in a file are relative to its folder; names
-    are unique over all files. A bad entry (a file or a line) raises, or with args.keep_going is reported in
-    `errors` and skipped."""
+    """The samples of the -i files (paths in a file relative to its folder, names unique over all) -> (samples,
+    errors): a bad entry (a file or a .jsonl line) raises, or with args.keep_going is reported and skipped."""
     samples, errors = [], []
     for path in map(Path, paths):
         if path.suffix not in (".json", ".jsonl", ".yaml", ".yml") or not path.is_file():
@@ -496,12 +465,9 @@ def read_sample_files(paths, args):
 
 def read_condition_frames(sample):
     """The pixels behind the conditioning latent frames, uint8 [1 + 4(n-1), H, W, 3]: the image, or the last
-    1 + 4(n-1) frames of the video, scaled to cover (H, W) and center-cropped.
-
-    The reference pads these to the full clip (zeros after an image, the last frame repeated after a video) and
-    encodes all of it; the VAE is causal, so the first n latent frames, the only ones used, depend on these pixels
-    alone and encoding them alone gives the same latents for a fraction of the work.
-    """
+    1 + 4(n-1) frames of the video, scaled to cover (H, W) and center-cropped. The reference pads them to the whole
+    clip and encodes it all; the VAE is causal, so the first n latent frames, the only ones used, depend on these
+    pixels alone: encoding them alone gives the same latents for a fraction of the work."""
     n, path = sample.num_cond_frames, sample.input_path
     needed = 1 + VAE_TIME_FACTOR * (n - 1)
     if path.suffix.lower() in IMAGE_EXTENSIONS:
@@ -516,7 +482,7 @@ def read_condition_frames(sample):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 6. Networks: text embeddings, the DiT with its adapters, the VAE
+# 6. Networks: the text embeddings, the DiT with its adapters, the VAE
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -572,8 +538,8 @@ def check_text_width(net, text_encoder, prompt_embeds):
 
 
 def read_config_file(path):
-    """The settings of a training config, {key: value}: a .py file of plain assignments (run, as train.py runs
-    it) or a run's config.json. The caller checks the keys and values."""
+    """A training config's settings {key: value}: a .py file of plain assignments (run, as train.py runs it) or a
+    run's config.json. The caller checks the keys and values."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
@@ -592,44 +558,47 @@ def read_config_file(path):
     return {k: v for k, v in settings.items() if not k.startswith("__")}
 
 
-# The training config's settings that shape the DiT (type, test, the test in words); the rest is train.py's.
-DIT_SETTINGS = {
-    "dit_preset": (str, lambda name: name in DIT_PRESETS, f"one of {', '.join(DIT_PRESETS)}"),
-    "use_lora": (bool, None, None),
-    "lora_rank": (int, lambda r: r >= 1, ">= 1"),
-    "lora_alpha": (float, None, None),
-    "lora_target_modules": (str, None, None),
-}
+# The training config's settings that shape the DiT, as in SETTINGS (type, test, words); the rest is train.py's.
+DIT_SETTINGS = {"dit_preset": (str, lambda name: name in DIT_PRESETS, f"one of {', '.join(DIT_PRESETS)}"),
+                "use_lora": (bool, None, None), "lora_rank": (int, lambda r: r >= 1, ">= 1"),
+                "lora_alpha": (float, None, None), "lora_target_modules": (str, None, None)}
 
 
 def load_dit(ckpt, loras=(), config=None, force=False):
-    """The DiT of an official-layout checkpoint (a LoRA run's adapters included) plus the `--lora` adapters
+    """The DiT of an official-layout checkpoint (a LoRA run's adapter included) plus the `--lora` adapters
     (path, scale), on the CPU in the checkpoint's dtype. The file is memory-mapped, so this is cheap: every shape
     is checked here, before any heavy work, and the weights are read when the model moves to the device.
-    A training config file (like the reference's --experiment) gives the DIT_SETTINGS it sets; the others come
+    A training config `config` (like the reference's --experiment) gives the DIT_SETTINGS it sets; the others come
     from the checkpoint: the preset from its shapes, the adapters from its keys, alpha from checkpoint_alpha."""
     state_dict = load_checkpoint_file(ckpt, prefix="net.")
-    conf = {}
-    if config is not None:
-        settings = read_config_file(config)
-        for key in DIT_SETTINGS.keys() & settings.keys():
-            conf[key] = check_value(settings[key], *DIT_SETTINGS[key], f"--config {config}: {key}")
+    settings = read_config_file(config) if config is not None else {}
+    conf = {k: check_value(settings[k], *DIT_SETTINGS[k], f"--config {config}: {k}") for k in DIT_SETTINGS
+            if k in settings}
     with torch.device("meta"):
         net = DiT(DIT_PRESETS[conf["dit_preset"]] if "dit_preset" in conf else infer_dit_config(state_dict, ckpt))
     add_checkpoint_adapters(net, state_dict, ckpt, conf, config)
     try:
-        net.load_official_state_dict(state_dict, source=ckpt)
+        net.load_official_state_dict(state_dict, source=ckpt)  # also checks what the config sets against the file
     except KeyError as e:
         raise ValueError(e.args[0]) from None
     for i, (path, scale) in enumerate(loras):
-        add_adapter_file(net, f"lora{i}", path, scale, state_dict, ckpt, force)
+        adapter = read_adapter(path)  # ours, diffusers' or ComfyUI's layout, with its rank and alpha
+        if holds_adapter(state_dict, adapter):
+            raise ValueError(f"--lora {path} is the adapter that --ckpt {ckpt} already holds (a LoRA run's model "
+                             f"file carries it): it would act twice; drop --lora, or give the base model as --ckpt")
+        check_adapter_base(adapter, path, f"--ckpt {ckpt}", file_fingerprint(ckpt), force)
+        try:
+            inject_lora(net, list(adapter.modules), adapter.rank, adapter.alpha, adapter_name=f"lora{i}")
+            load_lora_state_dict(net, adapter.state_dict(f"lora{i}"), f"lora{i}")
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"--lora {path}: {e.args[0]} (an adapter trained for another model size?)") from None
+        set_adapter_scale(net, f"lora{i}", scale)
     return net.eval()
 
 
 def add_checkpoint_adapters(net, state_dict, ckpt, conf, config):
-    """Inject the adapters of a LoRA run's model file into exactly the modules it names, their rank from its shapes
-    and alpha from checkpoint_alpha, where the config `conf` does not set them (the strict load checks it does so
-    rightly). A file that sets LoRA settings without use_lora describes a LoRA run."""
+    """Inject the adapters of a LoRA run's model file, as its keys name them, with the rank, alpha and targets that
+    the config's settings `conf` give, else its shapes and checkpoint_alpha."""
     ranks = {}  # adapter name -> {module: rank}
     for key, value in state_dict.items():
         if ".lora_A." in key:
@@ -637,7 +606,7 @@ def add_checkpoint_adapters(net, state_dict, ckpt, conf, config):
             ranks.setdefault(rest.removesuffix(".weight"), {})[module] = value.shape[0]
     has_lora = any(".lora_" in k for k in state_dict)
     lora_keys = [k for k in ("lora_rank", "lora_alpha", "lora_target_modules") if k in conf]
-    use_lora = conf.get("use_lora", has_lora or bool(lora_keys))
+    use_lora = conf.get("use_lora", has_lora or bool(lora_keys))  # LoRA settings alone describe a LoRA run
     if use_lora != has_lora:
         said = f"use_lora={use_lora}" if "use_lora" in conf else ", ".join(f"{k}={conf[k]!r}" for k in lora_keys)
         raise ValueError(f"--config {config} sets {said}, but --ckpt {ckpt} {'holds' if has_lora else 'holds no'} "
@@ -668,30 +637,13 @@ def checkpoint_alpha(ckpt, rank):
     return rank
 
 
-def add_adapter_file(net, name, path, scale, state_dict, ckpt, force):
-    """Add the adapter file `path` (ours, diffusers' or ComfyUI's) as `name`, its output scaled by `scale`. It must
-    not be the checkpoint's own adapter, and must be trained on this checkpoint (by the base fingerprint it records;
-    `force` takes another, with a warning)."""
-    adapter = read_adapter(path)
-    if holds_adapter(state_dict, adapter):
-        raise ValueError(f"--lora {path} is the adapter that --ckpt {ckpt} already holds (a LoRA run's model "
-                         f"file carries it): it would act twice; drop --lora, or give the base model as --ckpt")
-    check_adapter_base(adapter, path, f"--ckpt {ckpt}", file_fingerprint(ckpt), force)
-    try:
-        inject_lora(net, list(adapter.modules), rank=adapter.rank, alpha=adapter.alpha, adapter_name=name)
-        load_lora_state_dict(net, adapter.state_dict(name), name)
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"--lora {path}: {e.args[0]} (an adapter trained for another model size?)") from None
-    set_adapter_scale(net, name, scale)
-
-
 def holds_adapter(state_dict, adapter):
     """Whether a checkpoint's own LoRA weights, under some adapter name, are this adapter's (to within bf16
     rounding, as an fp32 export of the same run is)."""
     def same(key, weight):
-        mine = state_dict.get(key)
-        return mine is not None and mine.shape == weight.shape and torch.allclose(mine.float(), weight.float(),
-                                                                                  rtol=1e-2, atol=1e-6)
+        own = state_dict.get(key)
+        return own is not None and own.shape == weight.shape and torch.allclose(own.float(), weight.float(),
+                                                                                rtol=1e-2, atol=1e-6)
 
     tails = {k.split(".lora_A.")[1] for k in state_dict if ".lora_A." in k}  # "<adapter name>.weight"
     return any(all(same(f"{m}.lora_A.{t}", A) and same(f"{m}.lora_B.{t}", B) for m, (A, B) in adapter.modules.items())
@@ -699,17 +651,15 @@ def holds_adapter(state_dict, adapter):
 
 
 def dit_to_device(net, device, merge=False):
-    """Move the DiT to the device in the inference dtype; `merge` folds every adapter into the base weights
-    (W += scale B A: one matmul per layer instead of three)."""
+    """The DiT on the device in the inference dtype; `merge` folds every adapter into the base weights (W += scale
+    B A: one matmul per layer instead of three)."""
     net = net.to(device=device, dtype=dtype_for(device))
-    if merge:
-        for name in dict.fromkeys(n for m in lora_modules(net).values() for n in m.lora_A):
-            merge_lora(net, name)
+    for name in dict.fromkeys(n for m in lora_modules(net).values() for n in m.lora_A) if merge else []:
+        merge_lora(net, name)
     return net
 
 
 def load_vae(path, device):
-    """The Wan VAE of `path` on `device`, in the inference dtype."""
     return WanVAE.from_pretrained(path, device=device, dtype=dtype_for(device))
 
 
@@ -737,41 +687,33 @@ def build_parser():
     nets = p.add_argument_group("weights")
     nets.add_argument("--ckpt", required=True, help="DiT checkpoint in the official layout (e.g. model_ema_bf16.pt)")
     nets.add_argument("--lora", action="append", default=[], type=parse_lora_arg, metavar="FILE[:SCALE]",
-                      help="an extra adapter (ours, diffusers' or ComfyUI's), its output scaled by SCALE (default 1); "
-                           "repeatable")
+                      help="an extra adapter (ours, diffusers' or ComfyUI's) scaled by SCALE (default 1); repeatable")
     nets.add_argument("--force", action="store_true", help="use a --lora adapter trained on another base than --ckpt")
     nets.add_argument("--merge", action="store_true", help="fold the adapters into the base weights (faster)")
-    nets.add_argument("--config", help="the training config (configs/*.py, or a run's config.json) whose DiT preset "
-                                       "and LoRA settings to take; default: read from the checkpoint")
+    nets.add_argument("--config", help="a training config (configs/*.py, or a run's config.json) giving the DiT preset "
+                                       "and LoRA settings it sets; the rest is read from the checkpoint")
     nets.add_argument("--vae", required=True, help="Wan2.1 VAE weights (tokenizer.pth)")
     nets.add_argument("--text_encoder", help="Cosmos-Reason1 folder (Hugging Face layout)")
     nets.add_argument("--prompt_embeds", help="cached embeddings instead of the text encoder: a file with tensors "
                                               "'prompt' and 'negative_prompt' [512,100352]")
     how = p.add_argument_group("sampling (a sample file's own fields take precedence)")
-    how.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT,
-                     help="the unconditional branch's prompt (default: the reference's)")
+    how.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT, help="default: the reference's")
     how.add_argument("--guidance", type=option_type("guidance"), default=7.0,
                      help="g in v = v_cond + g (v_cond - v_uncond); 0 runs no unconditional pass (default: 7)")
-    how.add_argument("--seed", type=option_type("seed"), default=1,
-                     help="seed of the initial noise, numpy RandomState (default: 1)")
-    how.add_argument("--resolution", default=f"{DEFAULT_RESOLUTION[0]},{DEFAULT_RESOLUTION[1]}",
-                     help="H,W in pixels, multiples of 16 (default: %(default)s)")
+    how.add_argument("--seed", type=option_type("seed"), default=1, help="of the initial noise (numpy; default: 1)")
+    how.add_argument("--resolution", default="704,1280", help="H,W in pixels, multiples of 16 (default: 704,1280)")
     how.add_argument("--num_frames", type=option_type("num_output_frames"), default=DEFAULT_NUM_FRAMES,
-                     help="pixel frames, 1 + 4k (default: %(default)s); more: in autoregressive chunks")
+                     help="pixel frames, 1 + 4k (default: 93); more: in autoregressive chunks")
     how.add_argument("--chunk_size", type=option_type("chunk_size"), default=77,
                      help="frames per chunk of a long video (default: 77)")
     how.add_argument("--steps", type=option_type("num_steps"), default=35, help="sampler steps (default: 35)")
-    how.add_argument("--shift", type=option_type("shift"), default=5.0,
-                     help="schedule shift towards high noise (default: 5)")
+    how.add_argument("--shift", type=option_type("shift"), default=5.0, help="towards high noise (default: 5)")
     how.add_argument("--sampler", choices=list(SAMPLERS), default="unipc", help="flow UniPC (the reference's) or Euler")
     how.add_argument("--fps", type=option_type("fps"), default=16, help="frame rate of the mp4 (default: 16)")
-    how.add_argument("--context_parallel_size", type=int,
-                     help="processes sharing each video (must divide the process count, the DiT's heads and the "
-                          "latent frames); default: 1 when the samples divide evenly over the processes, else all")
-    how.add_argument("--cfg_parallel", action="store_true",
-                     help="guidance parallelism: the conditional and the unconditional pass on the two halves of "
-                          "each group of --context_parallel_size processes (default then: 2 when the samples divide "
-                          "evenly over the pairs of processes, else all)")
+    how.add_argument("--context_parallel_size", type=int, help="processes sharing each video (their latent frames "
+                     "split); default: 1 when the samples divide evenly over the processes, else all")
+    how.add_argument("--cfg_parallel", action="store_true", help="the conditional and the unconditional pass on the "
+                     "two halves of each group (default group size then: 2 when the samples divide evenly, else all)")
     return p
 
 
@@ -782,8 +724,8 @@ def default_context_parallel_size(num_samples, world):
 
 
 def check_context_parallel(cp, cfg_parallel, world, num_heads, samples):
-    """Context parallelism splits the processes into groups, the heads and every sample's latent frames over the
-    processes of one forward pass (a group, or half of it with guidance parallelism): all must divide."""
+    """The processes split into groups of `cp`; the heads and every sample's latent frames over the processes of
+    one forward pass (a group, or half of one with guidance parallelism): all must divide."""
     if cfg_parallel and world % 2:
         raise ValueError(f"--cfg_parallel runs the conditional and the unconditional pass on two halves of the "
                          f"processes: it needs an even number of them (torchrun --nproc_per_node=2 or more), "
@@ -807,11 +749,9 @@ def check_context_parallel(cp, cfg_parallel, world, num_heads, samples):
 
 
 def context_parallel_groups(cp, cfg_parallel, rank, world, device):
-    """(the DiT's context-parallel group, the guidance pair) of this process, None where unused; for cp = 1 no
-    process group is started at all (NCCL on the GPU, gloo on the CPU). Processes [g*cp, (g+1)*cp) share the videos
-    of group g. With cfg_parallel the first half of a group runs the conditional pass and the second half the
-    unconditional one, each half splitting the video, and process i of one half swaps velocities with process i
-    of the other."""
+    """(the DiT's context-parallel group, the guidance pair) of this process, None where unused. Processes
+    [g cp, (g+1) cp) share the videos of group g; with cfg_parallel, process i of its first half (the conditional
+    pass) swaps velocities with process i of the second (the unconditional one)."""
     if cp == 1:
         return None, None
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
@@ -821,11 +761,10 @@ def context_parallel_groups(cp, cfg_parallel, rank, world, device):
     for start in range(0, world, n):  # every process creates every group, in the same order
         group = dist.new_group(list(range(start, start + n))) if n > 1 else None
         dit_group = group if start <= rank < start + n else dit_group
-    if cfg_parallel:
-        for start in range(0, world, cp):
-            for i in range(n):
-                group = dist.new_group([start + i, start + n + i])
-                cfg_group = group if rank in (start + i, start + n + i) else cfg_group
+    for start in range(0, world, cp) if cfg_parallel else []:
+        for i in range(n):
+            group = dist.new_group([start + i, start + n + i])
+            cfg_group = group if rank in (start + i, start + n + i) else cfg_group
     return dit_group, cfg_group
 
 
@@ -843,25 +782,20 @@ def samples_from_args(args):
         raise ValueError("--prompt_embeds replaces the prompt's text: give --prompt or --prompt_embeds, not both")
     fields = {"name": Path(args.output).stem, "inference_type": "text2world", "prompt": args.prompt or ""}
     if args.image or args.video:
-        mode = "image2world" if args.image else "video2world"
-        fields.update(inference_type=mode, input_path=args.image or args.video)
+        fields.update(inference_type=MODE_NAMES[1 if args.image else 2], input_path=args.image or args.video)
     return [parse_sample(fields, args, Path(), "--image" if args.image else "--video")], []
 
 
 def output_paths(args, samples):
     """{sample name: mp4 path}; existing files are an error unless --overwrite."""
-    if args.input:
-        out = Path(args.output)
-        if out.suffix == ".mp4":
-            raise ValueError(f"-o {out}: a batch writes one mp4 per sample into a folder, not to one file")
-        paths = {s.name: out / f"{s.name}.mp4" for s in samples}
-    else:
-        if Path(args.output).suffix != ".mp4":
-            raise ValueError(f"-o {args.output}: one sample is written to an .mp4 file")
-        paths = {samples[0].name: Path(args.output)}
-    written = list(paths.values()) + ([p.with_suffix(".safetensors") for p in paths.values()] if args.save_latents
-                                      else [])
-    existing = [str(p) for p in written if p.exists()]
+    out = Path(args.output)
+    if args.input and out.suffix == ".mp4":
+        raise ValueError(f"-o {out}: a batch writes one mp4 per sample into a folder, not to one file")
+    if not args.input and out.suffix != ".mp4":
+        raise ValueError(f"-o {out}: one sample is written to an .mp4 file")
+    paths = {s.name: out / f"{s.name}.mp4" for s in samples} if args.input else {samples[0].name: out}
+    latents = [p.with_suffix(".safetensors") for p in paths.values()] if args.save_latents else []
+    existing = [str(p) for p in [*paths.values(), *latents] if p.exists()]
     if existing and not args.overwrite:
         raise FileExistsError(f"output exists (pass --overwrite to replace): {', '.join(existing)}")
     return paths
@@ -882,7 +816,7 @@ def main(argv=None):
             failed.append(f"sample {s.name!r}: {e}")
     samples = [s for s in samples if s.name in frames]
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if not samples:
+    if not samples:  # every entry was bad
         raise ValueError("; ".join(failed) or "the -i files hold no sample")
     for error in failed if rank == 0 else []:
         print(f"sample.py: skipped: {error}", file=sys.stderr)
@@ -891,9 +825,8 @@ def main(argv=None):
     paths = output_paths(args, samples)
     for flag, f in [("--ckpt", args.ckpt), ("--vae", args.vae)]:
         if Path(f).is_dir():
-            hint = (f"; a training checkpoint folder is exported first: python convert.py {f} writes "
-                    f"model_ema_bf16.pt into it") if flag == "--ckpt" else ""
-            raise IsADirectoryError(f"{flag} {f} is a folder, not a file{hint}")
+            hint = f"; a training checkpoint folder is exported first: python convert.py {f} writes model_ema_bf16.pt"
+            raise IsADirectoryError(f"{flag} {f} is a folder, not a file" + (hint if flag == "--ckpt" else ""))
         if not Path(f).is_file():
             raise FileNotFoundError(f"{flag} {f} does not exist")
     if args.text_encoder and not Path(args.text_encoder).is_dir():
@@ -908,14 +841,11 @@ def main(argv=None):
     cp = args.context_parallel_size or pair * default_context_parallel_size(len(samples), max(world // pair, 1))
     check_context_parallel(cp, args.cfg_parallel, world, net.cfg.num_heads, samples)
     mine = samples[rank // cp::world // cp]  # group g (processes g*cp ... g*cp + cp-1): samples g, g + world/cp, ...
-    frames = {s.name: frames[s.name] for s in mine}
     wan_vae_config(read_tensor_file(args.vae, "Wan VAE checkpoint"), args.vae)
 
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     dit_group, cfg_group = context_parallel_groups(cp, args.cfg_parallel, rank, world, device)
     if not mine:  # more processes than samples: nothing to do here
         if dist.is_initialized():
@@ -933,12 +863,11 @@ def main(argv=None):
             progress=s.name if rank == 0 else None, cfg_group=cfg_group)
         if rank % cp:  # the group's first process writes
             continue
-        path = paths[s.name]
-        write_video(path, video.numpy(), fps=args.fps)
+        write_video(paths[s.name], video.numpy(), fps=args.fps)
         if args.save_latents:
-            write_safetensors({"latents": latents.contiguous()}, path.with_suffix(".safetensors"))
+            write_safetensors({"latents": latents.contiguous()}, paths[s.name].with_suffix(".safetensors"))
         print(f"[rank {rank}] {s.name}: {MODE_NAMES[s.num_cond_frames]}, {len(video)} frames "
-              f"{s.resolution[0]}x{s.resolution[1]}, seed {s.seed} -> {path}")
+              f"{s.resolution[0]}x{s.resolution[1]}, seed {s.seed} -> {paths[s.name]}")
     if dist.is_initialized():
         dist.destroy_process_group()
     return failed  # the errors of the entries of -i files skipped by --keep_going
