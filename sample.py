@@ -299,7 +299,8 @@ SETTINGS = {
     "num_output_frames": ("--num_frames", int, lambda n: n >= 1, ">= 1"),  # the reference makes 93, whatever it says
     "num_steps": ("--steps", int, lambda n: n >= 1, ">= 1"),
     "enable_autoregressive": (False, bool, None, None),  # on by itself beyond DEFAULT_NUM_FRAMES
-    "chunk_size": ("--chunk_size", int, lambda n: 5 <= n <= 93, "from 5 to 93"),  # a video's 5 frames fit chunk 0
+    # >= 5: a video's conditioning frames fit in chunk 0
+    "chunk_size": ("--chunk_size", int, lambda n: 5 <= n <= DEFAULT_NUM_FRAMES, f"from 5 to {DEFAULT_NUM_FRAMES}"),
     "chunk_overlap": (1, int, lambda n: n == 1, "1"),
     "shift": (None, float, lambda x: 0 < x < math.inf, "> 0"),  # 0: sigma 0 everywhere; < 0: sigmas outside (0, 1)
     "fps": (None, int, lambda n: n >= 1, ">= 1"),
@@ -700,16 +701,19 @@ def build_parser():
     how.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT, help="default: the reference's")
     how.add_argument("--guidance", type=option_type("guidance"), default=7.0,
                      help="g in v = v_cond + g (v_cond - v_uncond); 0 runs no unconditional pass (default: 7)")
-    how.add_argument("--seed", type=option_type("seed"), default=1, help="of the initial noise (numpy; default: 1)")
-    how.add_argument("--resolution", default="704,1280", help="H,W in pixels, multiples of 16 (default: 704,1280)")
+    how.add_argument("--seed", type=option_type("seed"), default=1,
+                     help="of the initial noise, numpy's RandomState (default: %(default)s)")
+    how.add_argument("--resolution", default=",".join(map(str, DEFAULT_RESOLUTION)),
+                     help="H,W in pixels, multiples of 16 (default: %(default)s)")
     how.add_argument("--num_frames", type=option_type("num_output_frames"), default=DEFAULT_NUM_FRAMES,
-                     help="pixel frames, 1 + 4k (default: 93); more: in autoregressive chunks")
+                     help="pixel frames, 1 + 4k (default: %(default)s); more: in autoregressive chunks")
     how.add_argument("--chunk_size", type=option_type("chunk_size"), default=77,
-                     help="frames per chunk of a long video (default: 77)")
-    how.add_argument("--steps", type=option_type("num_steps"), default=35, help="sampler steps (default: 35)")
-    how.add_argument("--shift", type=option_type("shift"), default=5.0, help="towards high noise (default: 5)")
+                     help="frames per chunk of a long video (default: %(default)s)")
+    how.add_argument("--steps", type=option_type("num_steps"), default=35, help="sampler steps (default: %(default)s)")
+    how.add_argument("--shift", type=option_type("shift"), default=5.0,
+                     help="schedule shift towards high noise (default: %(default)s)")
     how.add_argument("--sampler", choices=list(SAMPLERS), default="unipc", help="flow UniPC (the reference's) or Euler")
-    how.add_argument("--fps", type=option_type("fps"), default=16, help="frame rate of the mp4 (default: 16)")
+    how.add_argument("--fps", type=option_type("fps"), default=16, help="frame rate of the mp4 (default: %(default)s)")
     how.add_argument("--context_parallel_size", type=int, help="processes sharing each video (their latent frames "
                      "split); default: 1 when the samples divide evenly over the processes, else all")
     how.add_argument("--cfg_parallel", action="store_true", help="the conditional and the unconditional pass on the "
@@ -718,8 +722,8 @@ def build_parser():
 
 
 def default_context_parallel_size(num_samples, world):
-    """Whole samples per process when they divide evenly over the processes (no communication at all), otherwise
-    every process on each video in turn: either way no process waits for another."""
+    """Whole samples per process when they divide evenly (no communication), else all processes on each video in
+    turn: either way no process waits for another."""
     return 1 if num_samples % world == 0 else world
 
 
