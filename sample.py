@@ -646,9 +646,11 @@ def holds_adapter(state_dict, adapter):
         return own is not None and own.shape == weight.shape and torch.allclose(own.float(), weight.float(),
                                                                                 rtol=1e-2, atol=1e-6)
 
-    tails = {k.split(".lora_A.")[1] for k in state_dict if ".lora_A." in k}  # "<adapter name>.weight"
-    return any(all(same(f"{m}.lora_A.{t}", A) and same(f"{m}.lora_B.{t}", B) for m, (A, B) in adapter.modules.items())
-               for t in tails)
+    for tail in {k.split(".lora_A.")[1] for k in state_dict if ".lora_A." in k}:  # "<adapter name>.weight"
+        if all(same(f"{module}.lora_A.{tail}", A) and same(f"{module}.lora_B.{tail}", B)
+               for module, (A, B) in adapter.modules.items()):
+            return True
+    return False
 
 
 def dit_to_device(net, device, merge=False):
