@@ -130,7 +130,7 @@ def run_pipeline(pipe, monkeypatch, noise, emb, neg, guidance, frames, n_cond):
 @pytest.mark.parametrize("mode", ["text2world", "image2world", "video2world"])
 def test_final_latents_equal_diffusers_pipeline(twins, monkeypatch, mode, guidance):
     net, vae, pipe, sigmas = twins
-    n_cond = sample.INFERENCE_TYPES[mode]
+    n_cond = sample.MODE_NAMES.index(mode)
     g = torch.Generator().manual_seed(n_cond)
     emb, neg = torch.randn(1, 7, 72, generator=g), torch.randn(1, 7, 72, generator=g)
     frames = np.random.RandomState(n_cond).randint(0, 256, (7, H, W, 3), dtype=np.uint8)  # a 7-frame video
@@ -373,7 +373,7 @@ def test_bad_input_fails_before_heavy_work(files, tmp_path, no_heavy_work):
         main("--prompt", "p", "--image", str(files / "broken.png"))
     with pytest.raises(ValueError, match="short.mp4 has 4 frame.*video2world needs at least 5"):
         main("--prompt", "p", "--video", str(files / "short.mp4"))
-    with pytest.raises(ValueError, match="resolution 30,48 must be positive multiples of 16"):
+    with pytest.raises(ValueError, match="--resolution: H and W must be positive multiples of 16 .*got '30,48'"):
         main("--prompt", "p", "--resolution", "30,48")
     with pytest.raises(ValueError, match="other_size.safetensors.*mis-shaped.*another model size"):
         main("--prompt", "p", "--lora", str(files / "other_size.safetensors"))

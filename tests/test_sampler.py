@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import sample
+from convert import parse_lora_arg
 from sample import DEFAULT_NEGATIVE_PROMPT, euler_sample, flow_schedule, initial_noise, make_velocity_fn, unipc_sample
 
 # the reference's 35 timesteps at shift 5 (spec/vae_text_encoder_inference.md §3.5)
@@ -359,7 +360,8 @@ def test_json_unknown_fields_list_the_known_ones(tmp_path):
     ({"inference_type": "text2world", "samples": {"a": {"prompt_path": "nope.txt"}}}, "nope.txt does not exist"),
     ({"inference_type": "text2world", "samples": {"a": {"prompt": "p"}}, "resolution": "700,1280"},
      "multiples of 16"),
-    ({"inference_type": "text2world", "samples": {"a": {"prompt": "p"}}, "resolution": "704x1280"}, "'H,W'"),
+    ({"inference_type": "text2world", "samples": {"a": {"prompt": "p"}}, "resolution": "704x1280"},
+     "resolution: expected H,W"),
     ({"inference_type": "text2world", "samples": {"a": {"prompt": "p"}}, "num_output_frames": 90}, "1 \\+ 4k"),
     ({"inference_type": "text2world", "samples": {"a": {"prompt": "p"}}, "guidance": -1}, "guidance"),
     ({"inference_type": "text2world", "samples": {"a": {"prompt": "p"}}, "seed": "1"}, "seed must be an integer"),
@@ -437,7 +439,7 @@ def test_sample_files_in_the_current_format(tmp_path, monkeypatch):
     ({"prompt": "p", "seed": True}, "s.json: seed must be an integer, got True"),
     ({"prompt": "p", "enable_autoregressive": 1}, "enable_autoregressive must be true or false, got 1"),
     ({"prompt": "p", "num_output_frames": 200, "chunk_size": 97}, "chunk_size must be from 5 to 93, got 97"),
-    ({"prompt": "p", "num_output_frames": 200, "chunk_overlap": 2}, "chunk_overlap must be from 1 to 1, got 2"),
+    ({"prompt": "p", "num_output_frames": 200, "chunk_overlap": 2}, "chunk_overlap must be 1, got 2"),
     ({"prompt": "p", "name": "a/b"}, "must be a plain file name"),
     ({"prompt": "p", "inference_type": ["text2world"]}, "inference_type must be one of text2world, image2world"),
 ])
@@ -496,7 +498,6 @@ def test_command_line_samples(tmp_path):
     (["--prompt", "p", "--num_frames", "92"], "1 \\+ 4k"),
     (["--prompt", "p", "--image", "missing.png"], "missing.png does not exist"),
     (["--prompt", "p", "--video", "missing.mp4"], "missing.mp4 does not exist"),
-    (["--prompt", "p", "--guidance", "-2"], "guidance"),
     ([], "give --prompt"),
     (["--prompt", "p", "-i", "b.json"], "-i takes the prompts"),
     (["--prompt", "p", "--prompt_embeds", "e.safetensors"], "give --prompt or --prompt_embeds, not both"),
@@ -507,13 +508,17 @@ def test_command_line_errors(argv, error):
 
 
 @pytest.mark.parametrize("option,value,expected", [
-    ("--shift", "0", "expected a number > 0, got 0"),  # sigma 0 everywhere: a division by zero mid-sampling
-    ("--shift", "-2", "expected a number > 0, got -2"),  # sigmas outside (0, 1): no log-SNR
-    ("--shift", "nan", "expected a number > 0, got nan"),
-    ("--seed", "-1", "expected an integer in [0, 2**32), got -1"),  # numpy's RandomState takes no other
-    ("--seed", "4294967296", "expected an integer in [0, 2**32), got 4294967296"),
-    ("--fps", "0", "expected an integer >= 1, got 0"),  # no frame rate: the mp4 would play at 24 fps
-    ("--steps", "0", "expected an integer >= 1, got 0"),
+    ("--shift", "0", "must be > 0, got 0.0"),  # sigma 0 everywhere: a division by zero mid-sampling
+    ("--shift", "-2", "must be > 0, got -2.0"),  # sigmas outside (0, 1): no log-SNR
+    ("--shift", "nan", "must be > 0, got nan"),
+    ("--shift", "inf", "must be > 0, got inf"),
+    ("--seed", "-1", "must be from 0 to 4294967295, got -1"),  # numpy's RandomState takes no other
+    ("--seed", "4294967296", "must be from 0 to 4294967295, got 4294967296"),
+    ("--fps", "0", "must be >= 1, got 0"),  # no frame rate: the mp4 would play at 24 fps
+    ("--steps", "0", "must be >= 1, got 0"),
+    ("--guidance", "-2", "must be >= 0, got -2.0"),
+    ("--num_frames", "0", "must be >= 1, got 0"),
+    ("--chunk_size", "4", "must be from 5 to 93, got 4"),  # a video's 5 conditioning frames fit in chunk 0
     ("--seed", "abc", "invalid int value: 'abc'"),
 ])
 def test_command_line_values_out_of_range(capsys, option, value, expected):
@@ -552,16 +557,16 @@ def test_main_checks_before_loading_anything(tmp_path):
 def test_lora_spec(tmp_path, capsys):
     f = tmp_path / "adapter.safetensors"
     f.write_bytes(b"x")
-    assert sample.parse_lora_spec(f"{f}:0.5") == (f, 0.5)
-    assert sample.parse_lora_spec(str(f)) == (f, 1.0)
+    assert parse_lora_arg(f"{f}:0.5") == (f, 0.5)
+    assert parse_lora_arg(str(f)) == (f, 1.0)
     colon = tmp_path / "run:3.safetensors"  # a ':' in the file's own name
     colon.write_bytes(b"x")
-    assert sample.parse_lora_spec(str(colon)) == (colon, 1.0)
-    assert sample.parse_lora_spec(f"{colon}:-0.25") == (colon, -0.25)
+    assert parse_lora_arg(str(colon)) == (colon, 1.0)
+    assert parse_lora_arg(f"{colon}:-0.25") == (colon, -0.25)
     with pytest.raises(argparse.ArgumentTypeError, match="nope.safetensors does not exist"):
-        sample.parse_lora_spec(str(tmp_path / "nope.safetensors") + ":2")
+        parse_lora_arg(str(tmp_path / "nope.safetensors") + ":2")
     with pytest.raises(argparse.ArgumentTypeError, match="the scale after the last ':' must be a number, got 'abc'"):
-        sample.parse_lora_spec(f"{f}:abc")
+        parse_lora_arg(f"{f}:abc")
     with pytest.raises(SystemExit) as exit_code:  # the command line says which option
         args_for(["--prompt", "p", "-o", "out.mp4", "--lora", f"{f}:abc"])
     assert exit_code.value.code == 2 and "argument --lora: " in capsys.readouterr().err
@@ -766,7 +771,7 @@ def test_load_dit_with_extra_adapters(tmp_path, layout):
     load_lora_state_dict(expected, {k.replace(".default.", ".extra."): v for k, v in extra.items()}, "extra")
     set_adapter_scale(expected, "extra", 0.5)
 
-    spec = [sample.parse_lora_spec(f"{tmp_path / 'extra.safetensors'}:0.5")]
+    spec = [parse_lora_arg(f"{tmp_path / 'extra.safetensors'}:0.5")]
     loaded = load(path, spec)
     assert torch.allclose(dit_output(loaded), dit_output(expected), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(dit_output(loaded), dit_output(net), rtol=1e-3, atol=1e-3)
@@ -794,12 +799,62 @@ def test_checkpoint_holding_the_adapter_or_not_as_the_config_says(tmp_path):
 
     base = save_checkpoint(DiT(DIT_PRESETS["tiny"]), tmp_path / "base.pt")
     config = tmp_path / "lora.py"
-    config.write_text("dit_preset = 'tiny'\nlora_rank = 4\nlora_alpha = 4\n")
+    config.write_text("dit_preset = 'tiny'\nuse_lora = True\nlora_rank = 4\nlora_alpha = 4\n")
     with pytest.raises(ValueError, match="sets use_lora=True, but --ckpt .*base.pt holds no LoRA weights"):
+        sample.load_dit(base, config=config)
+    config.write_text("dit_preset = 'tiny'\nlora_rank = 4\n")  # LoRA settings without use_lora: a LoRA run's
+    with pytest.raises(ValueError, match="sets lora_rank=4, but --ckpt .*base.pt holds no LoRA weights"):
         sample.load_dit(base, config=config)
     config.write_text("dit_preset = 'tiny'\nuse_lora = False\n")
     with pytest.raises(ValueError, match="sets use_lora=False, but --ckpt .*model_ema_fp32.pt holds LoRA weights"):
         sample.load_dit(path, config=config)
+
+
+def test_config_gives_what_it_sets_and_the_checkpoint_the_rest(tmp_path, capsys):
+    """--config takes a training config (.py) or a run's config.json; the DiT settings it leaves out come from the
+    checkpoint (preset from the shapes, adapters from the keys, alpha = rank where nothing records it)."""
+    from model import DIT_PRESETS, DiT
+
+    net8 = tiny_dit(rank=4, alpha=8)
+    path8 = save_checkpoint(net8, tmp_path / "alpha8.pt")
+    run = {"name": "run", "dit_preset": "tiny", "use_lora": True, "lora_rank": 4, "lora_alpha": 8,
+           "lora_target_modules": "q_proj,k_proj,v_proj,output_proj,mlp.layer1,mlp.layer2", "video_size": [32, 32]}
+    (tmp_path / "config.json").write_text(json.dumps(run))  # as train.py writes it: every setting
+    (tmp_path / "alpha.py").write_text("import math\nlora_alpha = 2 * 4\nlr = math.pi\n")  # train.py's other keys
+    for config in ("config.json", "alpha.py"):
+        assert torch.allclose(dit_output(load(path8, config=tmp_path / config)), dit_output(net8), rtol=1e-6, atol=1e-6)
+    assert "not recorded" not in capsys.readouterr().out
+    (tmp_path / "none.py").write_text("name = 'run'\n")
+    assert torch.allclose(dit_output(load(path8, config=tmp_path / "none.py")), dit_output(tiny_dit(rank=4, alpha=4)),
+                          rtol=1e-6, atol=1e-6)
+    assert "the alpha of its rank-4 adapter is not recorded beside it" in capsys.readouterr().out
+    # what it sets is checked against the checkpoint
+    base = save_checkpoint(DiT(DIT_PRESETS["tiny"]), tmp_path / "base.pt")
+    for text, error in [("lora_rank = 8\nlora_alpha = 8\n", "mis-shaped"),
+                        ("lora_target_modules = 'q_proj'\nlora_alpha = 8\n", "unexpected"),
+                        ("dit_preset = 'cosmos_2b'\nlora_alpha = 8\n", "mis-shaped|missing|unexpected")]:
+        (tmp_path / "c.py").write_text(text)
+        with pytest.raises(ValueError, match=error):
+            sample.load_dit(path8, config=tmp_path / "c.py")
+    (tmp_path / "full.json").write_text(json.dumps({**run, "use_lora": False}))  # a run without LoRA
+    assert torch.equal(dit_output(load(base, config=tmp_path / "full.json")), dit_output(load(base)))
+    # bad files and values: errors that name the file (and the key)
+    bad = [("c.py", "dit_preset = 'huge'\n", "--config .*c.py: dit_preset must be one of cosmos_2b, cosmos_14b, tiny, "
+                                              "got 'huge'"),
+           ("c.py", "lora_rank = 0\n", "--config .*c.py: lora_rank must be >= 1, got 0"),
+           ("c.py", "use_lora = 1\n", "--config .*c.py: use_lora must be true or false, got 1"),
+           ("c.py", "lora_alpha = '8'\n", "--config .*c.py: lora_alpha must be a number, got '8'"),
+           ("c.py", "lora_rank = \n", "config file .*c.py: SyntaxError"),
+           ("c.py", "lora_rank = rank\n", "config file .*c.py: NameError: name 'rank' is not defined"),
+           ("c.json", "[1]", "config file .*c.json: expected an object of settings, got list"),
+           ("c.json", "{", "config file .*c.json: JSONDecodeError"),
+           ("c.txt", "lora_rank = 4", "config file .*c.txt: expected a .py file of assignments or a run's config.json")]
+    for name, text, error in bad:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=error):
+            sample.load_dit(path8, config=tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="config file .*missing.py does not exist"):
+        sample.load_dit(path8, config=tmp_path / "missing.py")
 
 
 def test_adapter_trained_on_another_base_needs_force(tmp_path, capsys):
