@@ -38,8 +38,8 @@ from safetensors import safe_open
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from lora import inject_lora
-from model import (DIT_BOOKKEEPING_KEYS, DIT_PRESETS, DIT_ROPE_BUFFER_KEYS, DiT, DiTConfig, file_fingerprint,
-                   infer_dit_config, load_checkpoint_file)
+from model import (DIT_BOOKKEEPING_KEYS, DIT_PRESETS, DIT_ROPE_BUFFER_KEYS, DiT, DiTConfig, check_keys,
+                   file_fingerprint, infer_dit_config, load_checkpoint_file)
 from prep_data import write_safetensors
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -95,21 +95,6 @@ def dit_key_to_diffusers(key):
 
 def dit_to_diffusers(state_dict):
     return {dit_key_to_diffusers(k): v for k, v in state_dict.items() if k not in DIT_OFFICIAL_ONLY}
-
-
-def check_keys(found, expected, source, error=KeyError, optional=()):
-    """Raise `error`, starting with `source`, naming the missing, unexpected and mis-shaped keys of `found` (key ->
-    tensor) against `expected` (key -> shape). Keys in `optional` may be missing."""
-    problems = {
-        "missing": [k for k in expected if k not in found and k not in optional],
-        "unexpected": [k for k in found if k not in expected],
-        "mis-shaped": [f"{k}: file {tuple(v.shape)}, expected {tuple(expected[k])}" for k, v in found.items()
-                       if k in expected and tuple(v.shape) != tuple(expected[k])],
-    }
-    report = [f"{title} keys ({len(keys)}): {keys[:20]}" + (f" and {len(keys) - 20} more" if len(keys) > 20 else "")
-              for title, keys in problems.items() if keys]
-    if report:
-        raise error(f"{source}: " + "; ".join(report))
 
 
 def official_shapes(cfg, meta=None):
