@@ -373,7 +373,7 @@ def test_bad_input_fails_before_heavy_work(files, tmp_path, no_heavy_work):
         main("--prompt", "p", "--image", str(files / "broken.png"))
     with pytest.raises(ValueError, match="short.mp4 has 4 frame.*video2world needs at least 5"):
         main("--prompt", "p", "--video", str(files / "short.mp4"))
-    with pytest.raises(ValueError, match="--resolution: H and W must be positive multiples of 16 .*got '30,48'"):
+    with pytest.raises(ValueError, match="--resolution: expected H and W positive multiples of 16 .*got 30,48"):
         main("--prompt", "p", "--resolution", "30,48")
     with pytest.raises(ValueError, match="other_size.safetensors.*mis-shaped.*another model size"):
         main("--prompt", "p", "--lora", str(files / "other_size.safetensors"))
