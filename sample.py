@@ -606,6 +606,27 @@ def dit_to_device(net, device, merge=False):
     return net
 
 
+def read_config_file(path):
+    """A training config's settings {key: value}: a .py file of plain assignments (run, as train.py runs it) or a
+    run's config.json. The caller checks the keys and values."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    if path.suffix not in (".py", ".json"):
+        raise ValueError(f"config file {path}: expected a .py file of assignments or a run's config.json")
+    try:
+        if path.suffix == ".json":
+            settings = json.loads(path.read_text())
+        else:
+            settings = {}
+            exec(compile(path.read_text(), str(path), "exec"), settings)
+    except Exception as e:  # bad JSON, or whatever the file's code raises
+        raise ValueError(f"config file {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"config file {path}: expected an object of settings, got {type(settings).__name__}")
+    return {k: v for k, v in settings.items() if not k.startswith("__")}
+
+
 def load_vae(path, device):
     """The Wan VAE of `path` on `device`, in the inference dtype."""
     from model import WanVAE
