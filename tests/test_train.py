@@ -463,7 +463,7 @@ def test_online_encoding_equals_the_cache(tmp_path, validation_models, monkeypat
     monkeypatch.setattr(train, "vae_checkpoint", str(vae_path))
     monkeypatch.setattr(train, "text_encoder", str(validation_models / "text_encoder"))
     dataset = VideoDataset(tmp_path / "robot", num_frames=17, video_size=(32, 32))  # 17 frames: the whole video
-    online = train.OnlineEncoder(dataset, torch.device("cpu"))(train.collate([dataset[0]]))["latents"][0]
+    online = train.online_encoder(dataset, torch.device("cpu"))(torch.utils.data.default_collate([dataset[0]]))["latents"][0]
     assert torch.equal(online.to(torch.bfloat16), cached)
     frames, _ = read_video(dataset.videos[0])
     with torch.no_grad():
