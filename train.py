@@ -25,9 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
@@ -100,14 +99,12 @@ val_num_frames = 29
 val_steps = 35
 val_guidance = 7.0
 
-CONFIG_KEYS = [k for k, v in dict(globals()).items() if k not in _not_settings and not k.startswith("_")
-               and isinstance(v, (int, float, str, bool, tuple, list, dict))]
+CONFIG_KEYS = [k for k in globals() if k not in _not_settings and not k.startswith("_")]
 _signalled = False  # set by preempt_signal: stop after this step
 
 
 def setting_ranges():
-    """{key: (test, what the value must be)}, built when checked: some bounds depend on other settings. Paths are
-    checked when the run starts (check_inputs)."""
+    """{key: (test, what the value must be)}, built when checked: some bounds depend on other settings."""
     def rule(test, words):
         return test, words
 
@@ -160,14 +157,14 @@ def setting_ranges():
         "grad_clip": rule(lambda v: v >= 0, ">= 0 (the largest gradient norm; 0 = no clipping)"),
         # the power EMA's relative width: larger ones have no exponent gamma > -1 (Karras et al. 2024, eq. 3)
         "ema_rate": rule(lambda v: 0 < v <= 0.3, "in (0, 0.3]"),
-        "val_prompts": rule(lambda v: all(isinstance(p, str) and p for p in v), "a list of prompts (non-empty strings)"),
+        "val_prompts": rule(lambda v: all(isinstance(p, str) and p for p in v),
+                            "a list of prompts (non-empty strings)"),
     }
 
 
-def load_config(argv, read_cache=False):
-    """Apply a config file and key=value arguments to the settings above, strictly; with read_cache (a training
-    run, not sample.py's --config) take the data settings from cache_dir's cache; then check every setting against
-    its range. Every error names where the value was set."""
+def load_config(argv):
+    """Apply a config file and key=value arguments to the settings above, then the cache's data settings, and check
+    every setting; each error names where the value was set."""
     defaults = {k: globals()[k] for k in CONFIG_KEYS}
     overrides = {}  # key -> (value, where it was set)
     if argv and "=" not in argv[0]:
@@ -197,7 +194,7 @@ def load_config(argv, read_cache=False):
             raise SystemExit(f"config key {key!r} ({where}) must be {want.__name__}, got {value!r} "
                              f"({type(value).__name__})")
         globals()[key] = value
-    if read_cache and cache_dir:
+    if cache_dir:
         take_data_settings_from_cache(overrides)
     ranges = setting_ranges()
     for key in CONFIG_KEYS:
@@ -208,9 +205,8 @@ def load_config(argv, read_cache=False):
 
 
 def take_data_settings_from_cache(overrides):
-    """With cache_dir the cache is the data: num_frames, video_size (validation samples at that size too) and
-    dataset_dir come from its manifest. Set in the config to other values, they are an error: the run would record
-    other data than it trains on."""
+    """The cache is the data: num_frames, video_size and dataset_dir come from its manifest. Set to other values they
+    are an error, as the run would record other data than it trains on."""
     global num_frames, video_size, dataset_dir
     manifest = Path(cache_dir) / "manifest.json"
     if not manifest.is_file():
@@ -244,8 +240,7 @@ def sample_sigma(generator):
 
 def sample_num_conditional_frames(latent_frames, generator):
     """How many leading latent frames are given clean: 0 (text2world), 1 (image2world), 2 (video2world)."""
-    choices = [n for n in sorted(conditional_frames_probs)
-               if min_num_conditional_frames <= n <= max_num_conditional_frames]
+    choices = sorted(conditional_frames_probs)  # within [min, max]_num_conditional_frames (setting_ranges)
     probs = torch.tensor([float(conditional_frames_probs[n]) for n in choices], device=generator.device)
     pick = torch.multinomial(probs, 1, generator=generator)[0]
     n_cond = torch.tensor(choices, device=generator.device)[pick]
@@ -254,9 +249,8 @@ def sample_num_conditional_frames(latent_frames, generator):
 
 def flow_matching_loss(model, x0, text_emb, generators):
     """x_t = sigma*eps + (1-sigma)*x0 on the generated frames, x0 on the conditioning frames (flagged in the mask
-    channel); the network predicts v = eps - x0; its output on conditioning frames is replaced by the target.
-    Each sample draws its sigma, noise, conditioning frames and caption dropout from its own generator, so a
-    sample is treated the same whichever rank and batch it lands in.
+    channel); the network predicts v = eps - x0, and its output on conditioning frames is replaced by the target.
+    Each sample draws its randomness from its own generator, so it is treated the same on any rank and batch.
     Returns the mean squared error per sample [B] and the number of conditioning frames [B]."""
     B, C, T, H, W = x0.shape
     device = x0.device
@@ -278,10 +272,9 @@ def flow_matching_loss(model, x0, text_emb, generators):
 
 
 def sample_generators(first, rank, world_size, device):
-    """One generator per sample of this rank's batch, keyed by the sample's place in the global stream (the
-    sampler deals global positions round-robin from `first`): resuming reproduces a step exactly, and the same
-    global batch gets the same noise on any number of ranks. Under context parallelism rank and world_size are the
-    data-parallel ones, so the ranks of a group draw the same sigma, noise, conditioning frames and dropout."""
+    """One generator per sample of this (data-parallel) rank's batch, seeded by the sample's place in the global
+    stream, dealt round-robin from `first`: a resumed step is exact, a global batch the same on any number of ranks,
+    and the ranks of a context-parallel group draw the same."""
     return [torch.Generator(device).manual_seed(seed * 1_000_003 + first + rank + k * world_size)
             for k in range(batch_size)]
 
@@ -323,8 +316,8 @@ def init_distributed():
 
 
 def on_all_ranks(step, *args):
-    """Run a setup step on every rank. Where it fails (SystemExit with a message) on any, rank 0 prints each distinct
-    message once and every rank exits with code 1: no message per rank, and no rank left waiting for the others."""
+    """Run a setup step on every rank. Where it fails (SystemExit) on any, rank 0 prints each distinct message once and
+    every rank exits with code 1: no message per rank, and no rank left waiting for the others."""
     try:
         result, message = step(*args), None
     except SystemExit as e:
@@ -339,8 +332,7 @@ def on_all_ranks(step, *args):
 
 
 def context_parallel_group(rank, world_size):
-    """Ranks [g*cp, (g+1)*cp) (neighbours: one node's GPUs) form context-parallel group g and share its samples;
-    FSDP still shards over all ranks. Every rank creates every group; returns this rank's (None when cp = 1)."""
+    """Ranks [g*cp, (g+1)*cp) (one node's GPUs) share the samples of group g; FSDP still shards over all ranks."""
     cp = context_parallel_size
     if world_size % cp:
         raise SystemExit(f"context_parallel_size={cp} must divide the number of processes ({world_size})")
@@ -351,8 +343,8 @@ def context_parallel_group(rank, world_size):
 
 
 def check_inputs(rank, device):
-    """Before the run folder is touched, what the run will read: the base checkpoint is a DiT's (its keys, read
-    without its weights, and the LoRA targets, on the meta device) and the data is readable. Returns the dataset."""
+    """Before the run folder is touched: the base checkpoint fits the DiT and the LoRA targets (on the meta device,
+    its weights unread) and the data is readable. Returns the dataset."""
     if base_checkpoint and not Path(base_checkpoint).is_file():
         raise SystemExit(f"base_checkpoint {base_checkpoint} does not exist")
     if offload_block_inputs and activation_checkpointing == "none":
@@ -401,8 +393,7 @@ def shard_model(model):
     """FSDP2: every block, then the root. Parameters are gathered in the compute dtype, gradients reduced in fp32."""
     # cast_forward_inputs=False: the timestep embedding, the adaLN-LoRA term and the RoPE table enter each block in
     # fp32 on purpose (the reference's fp32 strategy); FSDP must not round them to bf16
-    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32,
-                              cast_forward_inputs=False)
+    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32, cast_forward_inputs=False)
     for i, block in enumerate(model.blocks):
         fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(model.blocks) - 1)
     fully_shard(model, mp_policy=mp)
@@ -410,17 +401,13 @@ def shard_model(model):
 
 
 def build_data(dataset, rank, world_size, device, start_position):
-    """Endless batches of (latents [B,16,T,H,W], text embeddings [B,L,D]): the cache's, or videos encoded online.
-    The sampler goes on from `start_position`, the samples all ranks drew before."""
-    encode = None if cache_dir else online_encoder(dataset, device)
+    """Endless batches of (latents [B,16,T,H,W], text embeddings [B,L,D]) from the cache or encoded online."""
     sampler = CachedSampler(len(dataset), seed=seed, rank=rank, world_size=world_size)
     sampler.position = start_position
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                          pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
                                          persistent_workers=num_workers > 0)
-    for batch in loader:
-        if encode is not None:
-            batch = encode(batch)
+    for batch in loader if cache_dir else map(online_encoder(dataset, device), loader):
         yield batch["latents"].to(device, non_blocking=True), batch["text_emb"].to(device, non_blocking=True)
 
 
@@ -432,8 +419,8 @@ def seed_worker(worker_id):
 
 
 def online_encoder(dataset, device):
-    """The reference's online path: the VAE encodes every clip; each distinct caption is encoded once up front
-    (the frozen encoder is deterministic, so this equals encoding it every step) and the text encoder is freed."""
+    """The reference's online path: the VAE encodes every clip; captions are encoded once up front (the frozen
+    encoder is deterministic, so this equals encoding them every step)."""
     text = {c: e[0] for c, e in sample.encode_prompts(dataset.captions, text_encoder, device).items()}
     vae = WanVAE.from_pretrained(vae_checkpoint, device=device)  # bf16 on any device, as the reference encodes
 
@@ -445,15 +432,13 @@ def online_encoder(dataset, device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: torch.distributed.checkpoint, written to a temporary folder, renamed when complete, and only then
-# named in latest_checkpoint.txt (replaced atomically). Base weights are frozen, so only their path and
-# fingerprint are stored (meta.json).
+# Checkpoints: DCP, written to a temporary folder, renamed when complete, and only then named in
+# latest_checkpoint.txt (replaced atomically). The frozen base is stored as its path and fingerprint (meta.json).
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def checkpoint_state(model, optimizer, scheduler, ema, step):
-    """The DCP sections: the trained parameters only (LoRA, or every weight when fine-tuning fully; no buffers),
-    their EMA, the optimizer, the schedule and the iteration."""
+    """The trained parameters only (no frozen base, no buffers), their EMA, optimizer, schedule and iteration."""
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     weights = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))
     return {"model": {k: v for k, v in weights.items() if k in trained},
@@ -487,8 +472,8 @@ def save_checkpoint(run_dir, model, optimizer, scheduler, ema, step, position, r
 
 
 def remove_training_state(path):
-    """Delete the training state of an old checkpoint folder. Files written there since (convert.py's exports) stay,
-    and so do the folder and meta.json, which describes them (sample.py reads the adapter's alpha from it)."""
+    """Files written into an old checkpoint folder since (convert.py's exports) stay, with the meta.json that
+    describes them (sample.py reads the adapter's alpha from it)."""
     for f in [path / ".metadata", *path.glob("*.distcp")]:
         f.unlink()
     kept = sorted(f.name for f in path.iterdir() if f.name != "meta.json")
@@ -500,7 +485,6 @@ def remove_training_state(path):
 
 
 def checkpoint_folders(run_dir):
-    """{iteration: folder} of this run's checkpoint folders, complete or not."""
     return {int(p.name[5:]): p for p in (run_dir / "checkpoints").glob("iter_?????????")}
 
 
@@ -510,10 +494,9 @@ def is_complete(path):
 
 
 def claim_run_dir(run_dir, meta, rank):
-    """Rank 0 locks the run folder and picks the checkpoint to resume from (None: a fresh run): resume=<folder>,
-    else the newest complete one (latest_checkpoint.txt lags a stop between a folder's rename and its update).
-    Before any heavy work: that checkpoint's adapter must be this run's (shape and scale), and training on from its
-    iteration must write no folder that exists already (iter_<N> folders are never written over)."""
+    """Rank 0 locks the run folder, writes config.json and picks the checkpoint to resume (None: a fresh run):
+    resume=<folder>, else the newest complete one (latest_checkpoint.txt lags a stop between a rename and its
+    update). Checked before any heavy work: its adapter is this run's, and going on writes over no checkpoint."""
     if rank != 0:
         return None
     lock_run_dir(run_dir)
@@ -534,27 +517,29 @@ def claim_run_dir(run_dir, meta, rank):
         raise SystemExit(f"{run_dir / 'checkpoints'} already has {', '.join(later)}, after iteration {start} where "
                          f"this run starts: going on would write over them. Resume into a new run (name=...), "
                          f"or move them away")
+    print(json.dumps(meta["config"], indent=2, default=str))
+    (run_dir / "config.json").write_text(json.dumps(meta["config"], indent=2, default=str))
     return path
 
 
 def lock_run_dir(run_dir):
-    """One run writes a run folder: its lock file names the holder's host and pid, is made atomically and is removed
-    at exit. A lock whose process is gone from this host is stale and taken over; any other refuses this run."""
-    lock = run_dir / "train.lock"
+    """One run writes a run folder: its lock, made atomically and removed at exit, names the holder's host and pid;
+    one whose process is gone from this host is taken over, any other refuses this run."""
+    lock, host = run_dir / "train.lock", socket.gethostname()
     made = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
         holder = lock.read_text().split()
-        if is_stale(holder):
+        if len(holder) == 2 and holder[0] == host and holder[1].isdigit() and not is_alive(int(holder[1])):
             print(f"{lock}: its run (pid {holder[1]}) is gone; taking the run folder over")
             lock.unlink()
             return lock_run_dir(run_dir)
         raise SystemExit(f"{run_dir} is in use by another train.py run (host and pid: {' '.join(holder)}, in {lock}). "
                          f"Wait for it to end or stop it; if it is gone (killed on another host), delete {lock}")
     with os.fdopen(fd, "w") as f:
-        f.write(f"{socket.gethostname()} {os.getpid()}\n")
+        f.write(f"{host} {os.getpid()}\n")
 
     def release():
         lock.unlink(missing_ok=True)
@@ -564,22 +549,19 @@ def lock_run_dir(run_dir):
     atexit.register(release)
 
 
-def is_stale(holder):
-    """A lock's [host, pid] names a process gone from this host (one on another host cannot be checked)."""
-    if len(holder) != 2 or holder[0] != socket.gethostname() or not holder[1].isdigit():
-        return False
+def is_alive(pid):
     try:
-        os.kill(int(holder[1]), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return True
+        return False
     except PermissionError:  # another user's process
         pass
-    return False
+    return True
 
 
 def load_checkpoint(path, model, optimizer, scheduler, ema, meta):
-    """Restore a checkpoint (checked by claim_run_dir) -> (iteration, samples drawn). The settings that a resumed
-    run may change (the learning rate after a divergence, say) take effect, and each change is printed."""
+    """-> (iteration, samples drawn). Settings a resumed run changes (the lr after a divergence, say) take effect, and
+    each change is printed."""
     saved_meta = json.loads((path / "meta.json").read_text())
     state = checkpoint_state(model, optimizer, scheduler, ema, 0)
     dcp.load(state, checkpoint_id=str(path))
@@ -612,8 +594,7 @@ def on_preempt(signum, frame):
 
 
 def load_validation(device):
-    """Validation prompts encoded once (the text encoder is then freed) and the VAE kept for the run; built before
-    the DiT so the 7B encoder never shares the GPU with the training state. None when validation is off."""
+    """The prompts' embeddings and the VAE, before the DiT: the 7B text encoder never shares the GPU with training."""
     if not val_iter:
         return None
     if not (vae_checkpoint and text_encoder and val_prompts):
@@ -625,9 +606,8 @@ def load_validation(device):
 
 
 def validate(validation, model, ema, step, run_dir, rank, world_size, device):
-    """Every rank samples ceil(n / world) clips with the EMA weights (FSDP needs the same forwards on all ranks;
-    a rank past the end of the list samples a spare copy and writes nothing). Under context parallelism the ranks
-    of a group sample each clip together and the group's first rank writes it."""
+    """Every rank samples ceil(n / groups) clips with the EMA weights: FSDP needs the same forwards on all ranks, so
+    a rank past the end of the list samples a spare one and writes nothing; a context-parallel group's first writes."""
     embeddings, vae = validation
     group, n_groups = rank // context_parallel_size, world_size // context_parallel_size
     writes = rank % context_parallel_size == 0
@@ -672,7 +652,7 @@ def main(argv):
             print(f"  {key} = {globals()[key]!r}" + (f"  # {ranges[key][1]}" if key in ranges else ""))
         return
     rank, world_size, device = init_distributed()
-    config = on_all_ranks(load_config, argv, True)
+    config = on_all_ranks(load_config, argv)
     cp_group = on_all_ranks(context_parallel_group, rank, world_size)
     dp_rank, dp_size = rank // context_parallel_size, world_size // context_parallel_size
     run_dir = Path(out_dir) / name
@@ -687,20 +667,16 @@ def main(argv):
     dist.broadcast_object_list(resume_from, src=0)  # rank 0's choice, for every rank
     resume_from = resume_from[0]
     signal.signal(getattr(signal, preempt_signal), on_preempt)
-    if rank == 0:
-        print(json.dumps(config, indent=2, default=str))
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
 
     validation = load_validation(device)
     model = build_model(device)
     model.enable_context_parallel(cp_group)  # each rank's loss counts once: FSDP's mean over all ranks stays right
     model = shard_model(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier)
-    ema = {n: p.detach().clone().float() for n, p in zip(names, trainable)}
+    ema = {n: p.detach().clone().float() for n, p in trainable.items()}
 
     step, position = 0, 0  # position: samples drawn from the global stream, by all ranks together
     if resume_from is not None:
@@ -719,7 +695,7 @@ def main(argv):
         run = wandb_lib.init(project=wandb_project, name=name, config=config, dir=str(run_dir), mode=mode,
                              resume="allow")
     bar = tqdm(total=max_iter, initial=step, disable=rank != 0, dynamic_ncols=True)
-    # per-mode sums of the per-sample loss and sample counts since the last log (the same shape on every rank)
+    # per mode: the sum of the per-sample losses and the number of samples since the last log
     window = torch.zeros(2, len(sample.MODE_NAMES), device=device, dtype=torch.float64)
     logged_step, logged_time = step, time.perf_counter()
     preempted = False
@@ -729,7 +705,7 @@ def main(argv):
                                                 sample_generators(position, dp_rank, dp_size, device))
         loss = per_sample.mean()
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip or math.inf, foreach=True)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable.values(), grad_clip or math.inf, foreach=True)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
             raise SystemExit(f"non-finite loss ({loss.item()}) or gradient norm ({grad_norm.item()}) at iteration "
@@ -738,7 +714,8 @@ def main(argv):
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            torch._foreach_lerp_(list(ema.values()), [p.detach().float() for p in trainable], 1 - ema_beta(step))
+            weights = [p.detach().float() for p in trainable.values()]
+            torch._foreach_lerp_(list(ema.values()), weights, 1 - ema_beta(step))
         step += 1
         position += batch_size * dp_size
         stop = torch.tensor(float(_signalled), device=device)
@@ -748,10 +725,9 @@ def main(argv):
         window[0].index_add_(0, n_cond, per_sample.detach().double())
         window[1].index_add_(0, n_cond, torch.ones_like(per_sample, dtype=torch.float64))
         mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-        if rank == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                            grad=f"{grad_norm.item():.3f}", mem=f"{mem:.1f}G")
-            bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                        grad=f"{grad_norm.item():.3f}", mem=f"{mem:.1f}G")  # rank 0's (the others' bar is off)
+        bar.update(1)
         if step % logging_iter == 0 or step == max_iter:
             now = time.perf_counter()
             elapsed, sec_per_iter = now - logged_time, (now - logged_time) / (step - logged_step)
@@ -759,8 +735,8 @@ def main(argv):
             sums, counts = window.tolist()
             log = {"loss": sum(sums) / sum(counts)}
             log.update({f"loss/{sample.MODE_NAMES[n]}": s / c for n, (s, c) in enumerate(zip(sums, counts)) if c})
-            log.update(lr=scheduler.get_last_lr()[0], grad_norm=grad_norm.item(),
-                       sec_per_iter=sec_per_iter, samples_per_sec=sum(counts) / context_parallel_size / elapsed)  # each group counted cp times
+            log.update(lr=scheduler.get_last_lr()[0], grad_norm=grad_norm.item(), sec_per_iter=sec_per_iter,
+                       samples_per_sec=sum(counts) / context_parallel_size / elapsed)  # each group counted cp times
             if device.type == "cuda":
                 log["max_memory_gib"] = mem
             if rank == 0:
