@@ -407,7 +407,8 @@ def build_data(dataset, rank, world_size, device, start_position):
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                          pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
                                          persistent_workers=num_workers > 0)
-    for batch in loader if cache_dir else map(online_encoder(dataset, device), loader):
+    batches = loader if cache_dir else map(online_encoder(dataset, device), loader)
+    for batch in batches:
         yield batch["latents"].to(device, non_blocking=True), batch["text_emb"].to(device, non_blocking=True)
 
 
@@ -730,12 +731,12 @@ def main(argv):
         bar.update(1)
         if step % logging_iter == 0 or step == max_iter:
             now = time.perf_counter()
-            elapsed, sec_per_iter = now - logged_time, (now - logged_time) / (step - logged_step)
+            elapsed, steps = now - logged_time, step - logged_step
             dist.all_reduce(window)
             sums, counts = window.tolist()
             log = {"loss": sum(sums) / sum(counts)}
             log.update({f"loss/{sample.MODE_NAMES[n]}": s / c for n, (s, c) in enumerate(zip(sums, counts)) if c})
-            log.update(lr=scheduler.get_last_lr()[0], grad_norm=grad_norm.item(), sec_per_iter=sec_per_iter,
+            log.update(lr=scheduler.get_last_lr()[0], grad_norm=grad_norm.item(), sec_per_iter=elapsed / steps,
                        samples_per_sec=sum(counts) / context_parallel_size / elapsed)  # each group counted cp times
             if device.type == "cuda":
                 log["max_memory_gib"] = mem
