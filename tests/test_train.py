@@ -173,9 +173,11 @@ def test_config_rejects_unknown_keys_wrong_types_and_values(tmp_path):
             (["dtype=bf16"], "config key 'dtype' (on the command line) must be one of 'bfloat16', 'float32', got "),
             (["dit_preset=2b"], "must be one of 'cosmos_2b', 'cosmos_14b', 'tiny', got '2b'"),
             (["activation_checkpointing=selctive"], "must be one of 'none', 'full', 'selective', got 'selctive'"),
-            (["attention_backend=flash"], "must be one of 'triton', 'sdpa', got 'flash'")):
+            (["attention_backend=flash"], "must be one of 'triton', 'sdpa', got 'flash'"),
+            ([str(tmp_path / "none.py")], f"config file {tmp_path / 'none.py'} does not exist")):
         result = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True)
         assert result.returncode != 0 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr, result.stderr
     # --help after a config file prints the settings and trains nothing
     result = subprocess.run([sys.executable, "train.py", "configs/demo.py", "--help"], cwd=REPO, capture_output=True,
                             text=True, check=True)
