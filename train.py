@@ -105,61 +105,49 @@ _signalled = False  # set by preempt_signal: stop after this step
 
 def setting_ranges():
     """{key: (test, what the value must be)}, built when checked: some bounds depend on other settings."""
-    def rule(test, words):
-        return test, words
-
     def one_of(*options):
-        return rule(lambda v: v in options, f"one of {', '.join(map(repr, options))}")
-
-    def at_least(low):
-        return rule(lambda v: v >= low, f">= {low}")
-
-    def each(keys, same_rule):
-        return dict.fromkeys(keys.split(), same_rule)
-
-    frames = rule(lambda v: v >= 1 and (v - 1) % 4 == 0, "1 + 4k (the VAE compresses 4 frames into one: 93, 29, 17...)")
-    latent_frames = 1 + (num_frames - 1) // 4
-    most_cond = min(2, latent_frames - 1) if latent_frames > 1 else 2  # an image (one latent frame) gets none
-    low, high = min_num_conditional_frames, max_num_conditional_frames
+        return (lambda v: v in options), f"one of {', '.join(map(repr, options))}"
 
     def probabilities(v):
         if not all(isinstance(k, int) and low <= k <= high for k in v):
             return False
         return all(isinstance(p, (int, float)) and p >= 0 for p in v.values()) and abs(sum(v.values()) - 1) <= 1e-6
 
-    return {
-        **each("batch_size context_parallel_size lora_rank logging_iter save_iter val_steps", at_least(1)),
-        **each("num_workers warmup_steps max_iter keep_last seed val_iter", at_least(0)),
-        **each("weight_decay f_start f_min val_guidance", at_least(0)),
-        **each("lora_alpha shift lr eps f_max", rule(lambda v: v > 0, "> 0")),
-        **each("num_frames val_num_frames", frames),
-        "name": rule(lambda v: v != "", "a folder name"),
-        "out_dir": rule(lambda v: v != "", "a folder"),
-        "dit_preset": one_of(*DIT_PRESETS),
-        "dtype": one_of("bfloat16", "float32"),
-        "attention_backend": one_of("triton", "sdpa"),
-        "activation_checkpointing": one_of("none", "full", "selective"),
-        "preempt_signal": one_of("SIGTERM", "SIGUSR1"),
-        "video_size": rule(lambda v: len(v) == 2 and all(isinstance(x, int) and x > 0 and x % 16 == 0 for x in v),
-                           "(H, W), multiples of 16 (the VAE's 8x and the DiT's 2x2 patches)"),
-        "caption_dropout": rule(lambda v: 0 <= v <= 1, "in [0, 1]"),
-        "min_num_conditional_frames": rule(lambda v: 0 <= v <= high, f"in [0, max_num_conditional_frames={high}]"),
+    latent_frames = 1 + (num_frames - 1) // 4
+    most_cond = min(2, latent_frames - 1) if latent_frames > 1 else 2  # an image (one latent frame) gets none
+    low, high = min_num_conditional_frames, max_num_conditional_frames
+    rows = [  # (keys, test, what the value must be)
+        ("batch_size context_parallel_size lora_rank logging_iter save_iter val_steps", lambda v: v >= 1, ">= 1"),
+        ("num_workers warmup_steps max_iter keep_last seed val_iter", lambda v: v >= 0, ">= 0"),
+        ("weight_decay f_start f_min val_guidance", lambda v: v >= 0, ">= 0"),
+        ("lora_alpha shift lr eps f_max", lambda v: v > 0, "> 0"),
+        ("num_frames val_num_frames", lambda v: v >= 1 and (v - 1) % 4 == 0,
+         "1 + 4k (the VAE compresses 4 frames into one: 93, 29, 17...)"),
+        ("name", lambda v: v != "", "a folder name"),
+        ("out_dir", lambda v: v != "", "a folder"),
+        ("dit_preset", *one_of(*DIT_PRESETS)),
+        ("dtype", *one_of("bfloat16", "float32")),
+        ("attention_backend", *one_of("triton", "sdpa")),
+        ("activation_checkpointing", *one_of("none", "full", "selective")),
+        ("preempt_signal", *one_of("SIGTERM", "SIGUSR1")),
+        ("video_size", lambda v: len(v) == 2 and all(isinstance(x, int) and x > 0 and x % 16 == 0 for x in v),
+         "(H, W), multiples of 16 (the VAE's 8x and the DiT's 2x2 patches)"),
+        ("caption_dropout", lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("min_num_conditional_frames", lambda v: 0 <= v <= high, f"in [0, max_num_conditional_frames={high}]"),
         # the modes text2world, image2world, video2world; and a clip must keep a frame to generate
-        "max_num_conditional_frames": rule(lambda v: 0 <= v <= most_cond,
-                                           f"in [0, {most_cond}] (0-2 frames, fewer than the {latent_frames} latent "
-                                           f"frames of num_frames={num_frames})"),
-        "conditional_frames_probs": rule(probabilities, f"{{frames: probability}} for frames in [{low}, {high}] "
-                                                        f"(min/max_num_conditional_frames), the probabilities >= 0 "
-                                                        f"and summing to 1"),
-        "betas": rule(lambda v: len(v) == 2 and all(isinstance(b, float) and 0 <= b < 1 for b in v),
-                      "two numbers in [0, 1)"),
-        "cycle_length": rule(lambda v: v > warmup_steps, f"> warmup_steps ({warmup_steps})"),
-        "grad_clip": rule(lambda v: v >= 0, ">= 0 (the largest gradient norm; 0 = no clipping)"),
+        ("max_num_conditional_frames", lambda v: 0 <= v <= most_cond,
+         f"in [0, {most_cond}] (0-2 frames, fewer than the {latent_frames} latent frames of "
+         f"num_frames={num_frames})"),
+        ("conditional_frames_probs", probabilities, f"{{frames: probability}} for frames in [{low}, {high}] "
+         f"(min/max_num_conditional_frames), the probabilities >= 0 and summing to 1"),
+        ("betas", lambda v: len(v) == 2 and all(isinstance(b, float) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+        ("cycle_length", lambda v: v > warmup_steps, f"> warmup_steps ({warmup_steps})"),
+        ("grad_clip", lambda v: v >= 0, ">= 0 (the largest gradient norm; 0 = no clipping)"),
         # the power EMA's relative width: larger ones have no exponent gamma > -1 (Karras et al. 2024, eq. 3)
-        "ema_rate": rule(lambda v: 0 < v <= 0.3, "in (0, 0.3]"),
-        "val_prompts": rule(lambda v: all(isinstance(p, str) and p for p in v),
-                            "a list of prompts (non-empty strings)"),
-    }
+        ("ema_rate", lambda v: 0 < v <= 0.3, "in (0, 0.3]"),
+        ("val_prompts", lambda v: all(isinstance(p, str) and p for p in v), "a list of prompts (non-empty strings)"),
+    ]
+    return {key: (test, words) for keys, test, words in rows for key in keys.split()}
 
 
 def load_config(argv):
@@ -442,10 +430,8 @@ def checkpoint_state(model, optimizer, scheduler, ema, step):
     """The trained parameters only (no frozen base, no buffers), their EMA, optimizer, schedule and iteration."""
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     weights = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))
-    return {"model": {k: v for k, v in weights.items() if k in trained},
-            "ema": dict(ema),
-            "optim": get_optimizer_state_dict(model, optimizer),
-            "scheduler": scheduler.state_dict(),
+    return {"model": {k: v for k, v in weights.items() if k in trained}, "ema": dict(ema),
+            "optim": get_optimizer_state_dict(model, optimizer), "scheduler": scheduler.state_dict(),
             "trainer": {"iteration": step}}
 
 
