@@ -100,7 +100,6 @@ val_steps = 35
 val_guidance = 7.0
 
 CONFIG_KEYS = [k for k in globals() if k not in _not_settings and not k.startswith("_")]
-_signalled = False  # set by preempt_signal: stop after this step
 
 
 def setting_ranges():
@@ -140,7 +139,8 @@ def setting_ranges():
          f"num_frames={num_frames})"),
         ("conditional_frames_probs", probabilities, f"{{frames: probability}} for frames in [{low}, {high}] "
          f"(min/max_num_conditional_frames), the probabilities >= 0 and summing to 1"),
-        ("betas", lambda v: len(v) == 2 and all(isinstance(b, float) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+        ("betas", lambda v: len(v) == 2 and all(isinstance(b, float) and 0 <= b < 1 for b in v),
+         "two numbers in [0, 1)"),
         ("cycle_length", lambda v: v > warmup_steps, f"> warmup_steps ({warmup_steps})"),
         ("grad_clip", lambda v: v >= 0, ">= 0 (the largest gradient norm; 0 = no clipping)"),
         # the power EMA's relative width: larger ones have no exponent gamma > -1 (Karras et al. 2024, eq. 3)
@@ -564,15 +564,12 @@ def load_checkpoint(path, model, optimizer, scheduler, ema, meta):
     changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
                if k in saved and saved[k] != now[k] and k not in ("max_iter", "resume")]
     changed += [f"{k} {saved_meta[k]} -> {meta[k]}" for k in ("world_size", "global_batch") if saved_meta[k] != meta[k]]
-    if changed and dist.get_rank() == 0:
-        print(f"resuming {path} with changed settings: {'; '.join(changed)} (the data goes on from sample "
-              f"{saved_meta['samples']} of the stream, as it would have)")
+    if dist.get_rank() == 0:
+        if changed:
+            print(f"resuming {path} with changed settings: {'; '.join(changed)} (the data goes on from sample "
+                  f"{saved_meta['samples']} of the stream, as it would have)")
+        print(f"resumed from {path} at iteration {step}")
     return step, saved_meta["samples"]
-
-
-def on_preempt(signum, frame):
-    global _signalled
-    _signalled = True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -653,7 +650,8 @@ def main(argv):
     resume_from = [on_all_ranks(claim_run_dir, run_dir, meta, rank)]
     dist.broadcast_object_list(resume_from, src=0)  # rank 0's choice, for every rank
     resume_from = resume_from[0]
-    signal.signal(getattr(signal, preempt_signal), on_preempt)
+    signalled = []  # preempt_signal, once received: stop after this step
+    signal.signal(getattr(signal, preempt_signal), lambda signum, frame: signalled.append(signum))
 
     validation = load_validation(device)
     model = build_model(device)
@@ -668,8 +666,6 @@ def main(argv):
     step, position = 0, 0  # position: samples drawn from the global stream, by all ranks together
     if resume_from is not None:
         step, position = load_checkpoint(resume_from, model, optimizer, scheduler, ema, meta)
-        if rank == 0:
-            print(f"resumed from {resume_from} at iteration {step}")
     if step >= max_iter and rank == 0:
         print(f"iteration {step} has reached max_iter={max_iter}: nothing to train (raise max_iter to go on)")
 
@@ -677,7 +673,6 @@ def main(argv):
     run = None
     if wandb and rank == 0:
         import wandb as wandb_lib  # optional, and heavy to import
-
         mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
         run = wandb_lib.init(project=wandb_project, name=name, config=config, dir=str(run_dir), mode=mode,
                              resume="allow")
@@ -705,7 +700,7 @@ def main(argv):
             torch._foreach_lerp_(list(ema.values()), weights, 1 - ema_beta(step))
         step += 1
         position += batch_size * dp_size
-        stop = torch.tensor(float(_signalled), device=device)
+        stop = torch.tensor(float(bool(signalled)), device=device)
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops after the same step if any was signalled
         preempted = bool(stop.item())
 
