@@ -25,14 +25,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
+import sample
 from lora import inject_lora, mark_only_lora_trainable
-from model import DIT_PRESETS, DiT, TextEncoder, WanVAE, file_fingerprint
+from model import DIT_PRESETS, DiT, WanVAE, file_fingerprint
 from prep_data import CachedDataset, CachedSampler, DataError, VideoDataset, encode_video, read_manifest
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -99,73 +99,68 @@ val_num_frames = 29
 val_steps = 35
 val_guidance = 7.0
 
-CONFIG_KEYS = [k for k, v in dict(globals()).items() if k not in _not_settings and not k.startswith("_")
-               and isinstance(v, (int, float, str, bool, tuple, list, dict))]
-_set_keys = set()  # the keys the config file or the command line set
-_signalled = False  # set by preempt_signal: stop after this step
+CONFIG_KEYS = [k for k in globals() if k not in _not_settings and not k.startswith("_")]
 
 
 def setting_ranges():
-    """Every setting's valid values, {key: (test, what it must be)}, read with the current settings (some bounds
-    depend on others). Paths are checked when the run starts (check_inputs)."""
+    """{key: (test, what the value must be)}, built when checked: some bounds depend on other settings."""
     def one_of(*options):
         return (lambda v: v in options), f"one of {', '.join(map(repr, options))}"
 
-    def at_least(low):
-        return (lambda v: v >= low), f">= {low}"
+    def probabilities(v):
+        if not all(isinstance(k, int) and low <= k <= high for k in v):
+            return False
+        return all(isinstance(p, (int, float)) and p >= 0 for p in v.values()) and abs(sum(v.values()) - 1) <= 1e-6
 
-    positive, fraction = ((lambda v: v > 0), "> 0"), ((lambda v: 0 <= v <= 1), "in [0, 1]")
-    frames = (lambda v: v >= 1 and (v - 1) % 4 == 0), "1 + 4k (the VAE compresses 4 frames into one: 93, 29, 17...)"
     latent_frames = 1 + (num_frames - 1) // 4
     most_cond = min(2, latent_frames - 1) if latent_frames > 1 else 2  # an image (one latent frame) gets none
     low, high = min_num_conditional_frames, max_num_conditional_frames
-    return {
-        "name": ((lambda v: v != ""), "a folder name"), "out_dir": ((lambda v: v != ""), "a folder"),
-        "dit_preset": one_of(*DIT_PRESETS), "dtype": one_of("bfloat16", "float32"),
-        "attention_backend": one_of("triton", "sdpa"), "activation_checkpointing": one_of("none", "full", "selective"),
-        "num_frames": frames,
-        "video_size": ((lambda v: len(v) == 2 and all(isinstance(x, int) and x > 0 and x % 16 == 0 for x in v)),
-                       "(H, W), multiples of 16 (the VAE's 8x and the DiT's 2x2 patches)"),
-        "batch_size": at_least(1), "context_parallel_size": at_least(1), "num_workers": at_least(0),
-        "caption_dropout": fraction, "lora_rank": at_least(1), "lora_alpha": positive, "shift": positive,
-        "min_num_conditional_frames": ((lambda v: 0 <= v <= high), f"in [0, max_num_conditional_frames={high}]"),
+    rows = [  # (keys, test, what the value must be)
+        ("batch_size context_parallel_size lora_rank logging_iter save_iter val_steps", lambda v: v >= 1, ">= 1"),
+        ("num_workers warmup_steps max_iter keep_last seed val_iter", lambda v: v >= 0, ">= 0"),
+        ("weight_decay f_start f_min val_guidance", lambda v: v >= 0, ">= 0"),
+        ("lora_alpha shift lr eps f_max", lambda v: v > 0, "> 0"),
+        ("num_frames val_num_frames", lambda v: v >= 1 and (v - 1) % 4 == 0,
+         "1 + 4k (the VAE compresses 4 frames into one: 93, 29, 17...)"),
+        ("name", lambda v: v != "", "a folder name"),
+        ("out_dir", lambda v: v != "", "a folder"),
+        ("dit_preset", *one_of(*DIT_PRESETS)),
+        ("dtype", *one_of("bfloat16", "float32")),
+        ("attention_backend", *one_of("triton", "sdpa")),
+        ("activation_checkpointing", *one_of("none", "full", "selective")),
+        ("preempt_signal", *one_of("SIGTERM", "SIGUSR1")),
+        ("video_size", lambda v: len(v) == 2 and all(isinstance(x, int) and x > 0 and x % 16 == 0 for x in v),
+         "(H, W), multiples of 16 (the VAE's 8x and the DiT's 2x2 patches)"),
+        ("caption_dropout", lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("min_num_conditional_frames", lambda v: 0 <= v <= high, f"in [0, max_num_conditional_frames={high}]"),
         # the modes text2world, image2world, video2world; and a clip must keep a frame to generate
-        "max_num_conditional_frames": ((lambda v: 0 <= v <= most_cond),
-                                       f"in [0, {most_cond}] (0-2 frames, fewer than the {latent_frames} latent "
-                                       f"frames of num_frames={num_frames})"),
-        "conditional_frames_probs": ((lambda v: all(isinstance(k, int) and low <= k <= high and isinstance(
-            p, (int, float)) and p >= 0 for k, p in v.items()) and abs(sum(v.values()) - 1) <= 1e-6),
-            f"{{frames: probability}} for frames in [{low}, {high}] (min/max_num_conditional_frames), the "
-            f"probabilities >= 0 and summing to 1"),
-        "lr": positive, "weight_decay": at_least(0),
-        "betas": ((lambda v: len(v) == 2 and all(isinstance(b, float) and 0 <= b < 1 for b in v)),
-                  "two numbers in [0, 1)"),
-        "eps": positive, "warmup_steps": at_least(0), "f_start": at_least(0), "f_max": positive, "f_min": at_least(0),
-        "cycle_length": ((lambda v: v > warmup_steps), f"> warmup_steps ({warmup_steps})"),
-        "grad_clip": ((lambda v: v >= 0), ">= 0 (the largest gradient norm; 0 = no clipping)"),
+        ("max_num_conditional_frames", lambda v: 0 <= v <= most_cond,
+         f"in [0, {most_cond}] (0-2 frames, fewer than the {latent_frames} latent frames of "
+         f"num_frames={num_frames})"),
+        ("conditional_frames_probs", probabilities, f"{{frames: probability}} for frames in [{low}, {high}] "
+         f"(min/max_num_conditional_frames), the probabilities >= 0 and summing to 1"),
+        ("betas", lambda v: len(v) == 2 and all(isinstance(b, float) and 0 <= b < 1 for b in v),
+         "two numbers in [0, 1)"),
+        ("cycle_length", lambda v: v > warmup_steps, f"> warmup_steps ({warmup_steps})"),
+        ("grad_clip", lambda v: v >= 0, ">= 0 (the largest gradient norm; 0 = no clipping)"),
         # the power EMA's relative width: larger ones have no exponent gamma > -1 (Karras et al. 2024, eq. 3)
-        "ema_rate": ((lambda v: 0 < v <= 0.3), "in (0, 0.3]"),
-        "max_iter": at_least(0), "logging_iter": at_least(1), "save_iter": at_least(1), "keep_last": at_least(0),
-        "seed": at_least(0), "preempt_signal": one_of("SIGTERM", "SIGUSR1"),
-        "val_iter": at_least(0), "val_prompts": ((lambda v: all(isinstance(p, str) and p for p in v)),
-                                                 "a list of prompts (non-empty strings)"),
-        "val_num_frames": frames, "val_steps": at_least(1), "val_guidance": at_least(0),
-    }
+        ("ema_rate", lambda v: 0 < v <= 0.3, "in (0, 0.3]"),
+        ("val_prompts", lambda v: all(isinstance(p, str) and p for p in v), "a list of prompts (non-empty strings)"),
+    ]
+    return {key: (test, words) for keys, test, words in rows for key in keys.split()}
 
 
-def load_config(argv, read_cache=False):
-    """Apply a config file (plain assignments) and key=value overrides to the module globals, strictly; with
-    read_cache (a training run, not sample.py's --config) take the data settings from cache_dir's cache; then check
-    every setting against its range."""
+def load_config(argv):
+    """Apply a config file and key=value arguments to the settings above, then the cache's data settings, and check
+    every setting; each error names where the value was set."""
     defaults = {k: globals()[k] for k in CONFIG_KEYS}
     overrides = {}  # key -> (value, where it was set)
-    if argv and not argv[0].count("="):
-        path = Path(argv.pop(0))
-        if not path.is_file():
-            raise SystemExit(f"config file {path} does not exist")
-        scope = {}
-        exec(compile(path.read_text(), str(path), "exec"), scope)
-        overrides.update({k: (v, f"in {path}") for k, v in scope.items() if not k.startswith("__")})
+    if argv and "=" not in argv[0]:
+        path, argv = argv[0], argv[1:]
+        try:
+            overrides.update({k: (v, f"in {path}") for k, v in sample.read_config_file(path).items()})
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(str(e)) from None
     for arg in argv:
         key, sep, text = arg.partition("=")
         if not sep:
@@ -187,14 +182,35 @@ def load_config(argv, read_cache=False):
             raise SystemExit(f"config key {key!r} ({where}) must be {want.__name__}, got {value!r} "
                              f"({type(value).__name__})")
         globals()[key] = value
-        _set_keys.add(key)
-    if read_cache and cache_dir:
-        take_data_settings_from_cache()
-    for key, (valid, want) in setting_ranges().items():
-        if not valid(globals()[key]):
+    if cache_dir:
+        take_data_settings_from_cache(overrides)
+    ranges = setting_ranges()
+    for key in CONFIG_KEYS:
+        if key in ranges and not ranges[key][0](globals()[key]):
             where = overrides.get(key, (None, "the default"))[1]
-            raise SystemExit(f"config key {key!r} ({where}) must be {want}, got {globals()[key]!r}")
+            raise SystemExit(f"config key {key!r} ({where}) must be {ranges[key][1]}, got {globals()[key]!r}")
     return {k: globals()[k] for k in CONFIG_KEYS}
+
+
+def take_data_settings_from_cache(overrides):
+    """The cache is the data: num_frames, video_size and dataset_dir come from its manifest. Set to other values they
+    are an error, as the run would record other data than it trains on."""
+    global num_frames, video_size, dataset_dir
+    manifest = Path(cache_dir) / "manifest.json"
+    if not manifest.is_file():
+        raise SystemExit(f"cache_dir {cache_dir} has no manifest.json (run `prep_data.py cache` first)")
+    try:
+        made = read_manifest(manifest)
+    except DataError as e:
+        raise SystemExit(str(e)) from None
+    found = {"num_frames": made["num_frames"], "video_size": tuple(made["video_size"]),
+             "dataset_dir": Path(made["dataset"])}
+    now = {"num_frames": num_frames, "video_size": video_size, "dataset_dir": Path(dataset_dir).resolve()}
+    differ = [f"{k}={now[k]!s} (the cache has {found[k]!s})" for k in found if k in overrides and found[k] != now[k]]
+    if differ:
+        raise SystemExit(f"cache_dir {cache_dir} does not match this config: {'; '.join(differ)}. Leave them out or "
+                         f"set them as the cache was made, or point cache_dir to a cache made with them")
+    num_frames, video_size, dataset_dir = found["num_frames"], found["video_size"], str(found["dataset_dir"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -212,8 +228,7 @@ def sample_sigma(generator):
 
 def sample_num_conditional_frames(latent_frames, generator):
     """How many leading latent frames are given clean: 0 (text2world), 1 (image2world), 2 (video2world)."""
-    choices = [n for n in sorted(conditional_frames_probs)
-               if min_num_conditional_frames <= n <= max_num_conditional_frames]
+    choices = sorted(conditional_frames_probs)  # within [min, max]_num_conditional_frames (setting_ranges)
     probs = torch.tensor([float(conditional_frames_probs[n]) for n in choices], device=generator.device)
     pick = torch.multinomial(probs, 1, generator=generator)[0]
     n_cond = torch.tensor(choices, device=generator.device)[pick]
@@ -222,9 +237,8 @@ def sample_num_conditional_frames(latent_frames, generator):
 
 def flow_matching_loss(model, x0, text_emb, generators):
     """x_t = sigma*eps + (1-sigma)*x0 on the generated frames, x0 on the conditioning frames (flagged in the mask
-    channel); the network predicts v = eps - x0; its output on conditioning frames is replaced by the target.
-    Each sample draws its sigma, noise, conditioning frames and caption dropout from its own generator, so a
-    sample is treated the same whichever rank and batch it lands in.
+    channel); the network predicts v = eps - x0, and its output on conditioning frames is replaced by the target.
+    Each sample draws its randomness from its own generator, so it is treated the same on any rank and batch.
     Returns the mean squared error per sample [B] and the number of conditioning frames [B]."""
     B, C, T, H, W = x0.shape
     device = x0.device
@@ -246,11 +260,9 @@ def flow_matching_loss(model, x0, text_emb, generators):
 
 
 def sample_generators(first, rank, world_size, device):
-    """One generator per sample of this rank's batch, keyed by the sample's place in the global stream (the
-    sampler deals global positions round-robin from `first`, the samples drawn before this step): resuming
-    reproduces a step exactly, and the same global batch gets the same noise on any number of ranks. Under context
-    parallelism rank and world_size are the data-parallel ones, so the ranks of a group draw the same sigma, noise,
-    conditioning frames and caption dropout."""
+    """One generator per sample of this (data-parallel) rank's batch, seeded by the sample's place in the global
+    stream, dealt round-robin from `first`: a resumed step is exact, a global batch the same on any number of ranks,
+    and the ranks of a context-parallel group draw the same."""
     return [torch.Generator(device).manual_seed(seed * 1_000_003 + first + rank + k * world_size)
             for k in range(batch_size)]
 
@@ -264,7 +276,7 @@ def lr_multiplier(step):
 
 def ema_beta(step):
     """Power EMA (Karras et al. 2024): beta = (1 - 1/(step+1))^(gamma+1), where gamma is the largest real root of
-    x^3 + 7x^2 + (16 - s^-2)x + (12 - s^-2) for the relative width s = ema_rate (gamma = 6.937 for s = 0.1)."""
+    x^3 + 7x^2 + (16 - s^-2)x + (12 - s^-2) for the relative width s = ema_rate."""
     if step < 1:
         return 0.0
     roots = np.roots([1.0, 7.0, 16 - ema_rate ** -2, 12 - ema_rate ** -2])
@@ -273,7 +285,7 @@ def ema_beta(step):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Setup: processes, model, data
+# Setup: processes, inputs, model, data
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -291,12 +303,11 @@ def init_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def on_all_ranks(check, *args):
-    """Run a setup step on every rank. Where it fails (SystemExit with a message) on any, rank 0 prints each distinct
-    message once and every rank exits with code 1: one message rather than one per rank, and no rank left waiting
-    for the others."""
+def on_all_ranks(step, *args):
+    """Run a setup step on every rank. Where it fails (SystemExit) on any, rank 0 prints each distinct message once and
+    every rank exits with code 1: no message per rank, and no rank left waiting for the others."""
     try:
-        result, message = check(*args), None
+        result, message = step(*args), None
     except SystemExit as e:
         result, message = None, str(e.code)
     messages = [None] * dist.get_world_size()
@@ -309,16 +320,36 @@ def on_all_ranks(check, *args):
 
 
 def context_parallel_group(rank, world_size):
-    """Ranks [g*cp, (g+1)*cp) form context-parallel group g (neighbours: one node's GPUs) and share its samples, so
-    the data-parallel rank is rank // cp of world_size // cp. FSDP still shards over all ranks. Returns this rank's
-    group (None when cp = 1); every rank must create every group."""
+    """Ranks [g*cp, (g+1)*cp) (one node's GPUs) share the samples of group g; FSDP still shards over all ranks."""
     cp = context_parallel_size
-    if cp < 1 or world_size % cp:
+    if world_size % cp:
         raise SystemExit(f"context_parallel_size={cp} must divide the number of processes ({world_size})")
     if cp == 1:
         return None
     groups = [dist.new_group(list(range(g * cp, (g + 1) * cp))) for g in range(world_size // cp)]
     return groups[rank // cp]
+
+
+def check_inputs(rank, device):
+    """Before the run folder is touched: the base checkpoint fits the DiT and the LoRA targets (on the meta device,
+    its weights unread) and the data is readable. Returns the dataset."""
+    if base_checkpoint and not Path(base_checkpoint).is_file():
+        raise SystemExit(f"base_checkpoint {base_checkpoint} does not exist")
+    if offload_block_inputs and activation_checkpointing == "none":
+        raise SystemExit("offload_block_inputs=True moves the block inputs that activation checkpointing keeps: set "
+                         "activation_checkpointing='full' or 'selective' (got 'none')")
+    if offload_block_inputs and device.type != "cuda":
+        raise SystemExit(f"offload_block_inputs=True copies block inputs between the GPU and pinned host memory: it "
+                         f"needs a CUDA device (got {device})")
+    if not cache_dir and not (vae_checkpoint and text_encoder):
+        raise SystemExit("online encoding needs vae_checkpoint and text_encoder (or set cache_dir)")
+    build_model(torch.device("meta"))
+    try:
+        if cache_dir:
+            return CachedDataset(cache_dir)
+        return VideoDataset(dataset_dir, num_frames, video_size, seed=seed + rank)
+    except DataError as e:
+        raise SystemExit(f"{'cache_dir' if cache_dir else 'dataset_dir'}: {e}") from None
 
 
 def build_model(device):
@@ -335,16 +366,14 @@ def build_model(device):
             model = DiT(cfg)
     model.activation_checkpointing = activation_checkpointing
     model.offload_block_inputs = offload_block_inputs
-    compute_dtype = getattr(torch, dtype)
-    if use_lora:
-        model.to(compute_dtype)
-        try:
-            inject_lora(model, lora_target_modules, rank=lora_rank, alpha=lora_alpha, dtype=torch.float32)
-        except ValueError as e:
-            raise SystemExit(f"config key 'lora_target_modules': {e}") from None
-        mark_only_lora_trainable(model)
-    else:
-        model.requires_grad_(True)  # full fine-tuning: fp32 master weights, bf16 compute through FSDP's policy
+    if not use_lora:
+        return model.requires_grad_(True)  # full fine-tuning: fp32 master weights, bf16 compute through FSDP
+    model.to(getattr(torch, dtype))
+    try:
+        inject_lora(model, lora_target_modules, rank=lora_rank, alpha=lora_alpha, dtype=torch.float32)
+    except ValueError as e:
+        raise SystemExit(f"config key 'lora_target_modules': {e}") from None
+    mark_only_lora_trainable(model)
     return model
 
 
@@ -352,78 +381,23 @@ def shard_model(model):
     """FSDP2: every block, then the root. Parameters are gathered in the compute dtype, gradients reduced in fp32."""
     # cast_forward_inputs=False: the timestep embedding, the adaLN-LoRA term and the RoPE table enter each block in
     # fp32 on purpose (the reference's fp32 strategy); FSDP must not round them to bf16
-    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32,
-                              cast_forward_inputs=False)
+    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32, cast_forward_inputs=False)
     for i, block in enumerate(model.blocks):
         fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(model.blocks) - 1)
     fully_shard(model, mp_policy=mp)
     return model
 
 
-def check_inputs(rank, device):
-    """Before the run folder is touched, what the run will read: the base checkpoint is a DiT's (its keys, read
-    without its weights, and the LoRA targets, on the meta device) and the data is readable. Returns the dataset."""
-    if base_checkpoint and not Path(base_checkpoint).is_file():
-        raise SystemExit(f"base_checkpoint {base_checkpoint} does not exist")
-    if offload_block_inputs and activation_checkpointing == "none":
-        raise SystemExit("offload_block_inputs=True moves the block inputs that activation checkpointing keeps: set "
-                         "activation_checkpointing='full' or 'selective' (got 'none')")
-    if offload_block_inputs and device.type != "cuda":
-        raise SystemExit(f"offload_block_inputs=True copies block inputs between the GPU and pinned host memory: it "
-                         f"needs a CUDA device (got {device})")
-    if not cache_dir and not (vae_checkpoint and text_encoder):
-        raise SystemExit("online encoding needs vae_checkpoint and text_encoder (or set cache_dir)")
-    build_model(torch.device("meta"))
-    try:
-        return CachedDataset(cache_dir) if cache_dir else VideoDataset(dataset_dir, num_frames, video_size,
-                                                                       seed=seed + rank)
-    except DataError as e:
-        raise SystemExit(f"{'cache_dir' if cache_dir else 'dataset_dir'}: {e}") from None
-
-
-def take_data_settings_from_cache():
-    """With cache_dir the cache is the data: num_frames, video_size (validation samples at that size too) and
-    dataset_dir come from its manifest. Set in the config to other values, they are an error: the run would record
-    other data than it trains on."""
-    global num_frames, video_size, dataset_dir
-    manifest = Path(cache_dir) / "manifest.json"
-    if not manifest.is_file():
-        raise SystemExit(f"cache_dir {cache_dir} has no manifest.json (run `prep_data.py cache` first)")
-    try:
-        made = read_manifest(manifest)
-    except DataError as e:
-        raise SystemExit(str(e)) from None
-    found = {"num_frames": made["num_frames"], "video_size": tuple(made["video_size"]),
-             "dataset_dir": Path(made["dataset"])}
-    now = {"num_frames": num_frames, "video_size": video_size, "dataset_dir": Path(dataset_dir).resolve()}
-    differ = [f"{k}={now[k]!s} (the cache has {found[k]!s})" for k in found if k in _set_keys and found[k] != now[k]]
-    if differ:
-        raise SystemExit(f"cache_dir {cache_dir} does not match this config: {'; '.join(differ)}. Leave them out or "
-                         f"set them as the cache was made, or point cache_dir to a cache made with them")
-    num_frames, video_size, dataset_dir = found["num_frames"], found["video_size"], str(found["dataset_dir"])
-
-
 def build_data(dataset, rank, world_size, device, start_position):
-    """Batches of (latents [B,16,T,H,W], text embeddings [B,L,D]) from check_inputs' dataset: the cache, or videos
-    encoded online."""
-    encode = None if cache_dir else OnlineEncoder(dataset, device)
+    """Endless batches of (latents [B,16,T,H,W], text embeddings [B,L,D]) from the cache or encoded online."""
     sampler = CachedSampler(len(dataset), seed=seed, rank=rank, world_size=world_size)
     sampler.position = start_position
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                                         pin_memory=device.type == "cuda", collate_fn=collate,
-                                         worker_init_fn=seed_worker, persistent_workers=num_workers > 0)
-    for batch in loader:
-        if encode is not None:
-            batch = encode(batch)
+                                         pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
+                                         persistent_workers=num_workers > 0)
+    batches = loader if cache_dir else map(online_encoder(dataset, device), loader)
+    for batch in batches:
         yield batch["latents"].to(device, non_blocking=True), batch["text_emb"].to(device, non_blocking=True)
-
-
-def collate(items):
-    out = {}
-    for key in items[0]:
-        values = [item[key] for item in items]
-        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
-    return out
 
 
 def seed_worker(worker_id):
@@ -433,42 +407,31 @@ def seed_worker(worker_id):
         info.dataset.rng = np.random.default_rng([seed, dist.get_rank() // context_parallel_size, worker_id])
 
 
-class OnlineEncoder:
-    """The reference's online path: the VAE encodes every clip; each unique caption is encoded once up front
-    (the frozen encoder is deterministic, so this equals encoding every step) and the text encoder is freed."""
+def online_encoder(dataset, device):
+    """The reference's online path: the VAE encodes every clip; captions are encoded once up front (the frozen
+    encoder is deterministic, so this equals encoding them every step)."""
+    text = {c: e[0] for c, e in sample.encode_prompts(dataset.captions, text_encoder, device).items()}
+    vae = WanVAE.from_pretrained(vae_checkpoint, device=device)  # bf16 on any device, as the reference encodes
 
-    def __init__(self, dataset, device):
-        encoder = TextEncoder.from_pretrained(text_encoder, device=device)
-        unique = sorted(set(dataset.captions))
-        self.text = {c: encoder.encode([c])[0].cpu() for c in unique}
-        del encoder
-        self.vae = WanVAE.from_pretrained(vae_checkpoint, device=device)
-        self.device = device
+    def encode(batch):
+        return {"latents": encode_video(vae, batch["video"].movedim(1, -1)),  # uint8 [B,3,T,H,W] -> [B,T,H,W,3]
+                "text_emb": torch.stack([text[c] for c in batch["caption"]])}
 
-    def __call__(self, batch):
-        return {"latents": encode_video(self.vae, batch["video"].movedim(1, -1)),  # uint8 [B,3,T,H,W]
-                "text_emb": torch.stack([self.text[c] for c in batch["caption"]])}
+    return encode
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: torch.distributed.checkpoint, written to a temporary folder, renamed when complete, and only then
-# named in latest_checkpoint.txt (replaced atomically). Base weights are frozen, so only their path and
-# fingerprint are stored.
+# Checkpoints: DCP, written to a temporary folder, renamed when complete, and only then named in
+# latest_checkpoint.txt (replaced atomically). The frozen base is stored as its path and fingerprint (meta.json).
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def trainable_state_dict(model):
-    """The trained parameters only (LoRA adapters, or everything when fine-tuning fully); no buffers."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    sd = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))
-    return {k: v for k, v in sd.items() if k in names}
 
 
 def checkpoint_state(model, optimizer, scheduler, ema, step):
-    return {"model": trainable_state_dict(model),
-            "ema": dict(ema),
-            "optim": get_optimizer_state_dict(model, optimizer),
-            "scheduler": scheduler.state_dict(),
+    """The trained parameters only (no frozen base, no buffers), their EMA, optimizer, schedule and iteration."""
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    weights = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": {k: v for k, v in weights.items() if k in trained}, "ema": dict(ema),
+            "optim": get_optimizer_state_dict(model, optimizer), "scheduler": scheduler.state_dict(),
             "trainer": {"iteration": step}}
 
 
@@ -484,22 +447,20 @@ def save_checkpoint(run_dir, model, optimizer, scheduler, ema, step, position, r
     dist.barrier()
     if rank == 0:
         (partial / "meta.json").write_text(json.dumps({**meta, "iteration": step, "samples": position}, indent=2))
-        os.rename(partial, final)  # checked free at the start (check_resumable); fails if not
+        os.rename(partial, final)  # checked free at the start (claim_run_dir); fails if not
         latest_tmp = ckpt_root / "latest_checkpoint.txt.tmp"
         latest_tmp.write_text(final.name + "\n")
         os.replace(latest_tmp, ckpt_root / "latest_checkpoint.txt")
         if keep_last:
-            older = sorted(p for p in ckpt_root.glob("iter_?????????") if (p / ".metadata").is_file())
-            for old in older[:-keep_last]:
+            for old in sorted(p for p in checkpoint_folders(run_dir).values() if is_complete(p))[:-keep_last]:
                 remove_training_state(old)
     dist.barrier()
     return final
 
 
 def remove_training_state(path):
-    """Delete the training state save_checkpoint wrote into an old checkpoint folder. Files written there since
-    (convert.py's exports) stay, and so do the folder and meta.json, which describes them (sample.py reads the
-    adapter's alpha from it)."""
+    """Files written into an old checkpoint folder since (convert.py's exports) stay, with the meta.json that
+    describes them (sample.py reads the adapter's alpha from it)."""
     for f in [path / ".metadata", *path.glob("*.distcp")]:
         f.unlink()
     kept = sorted(f.name for f in path.iterdir() if f.name != "meta.json")
@@ -511,7 +472,6 @@ def remove_training_state(path):
 
 
 def checkpoint_folders(run_dir):
-    """{iteration: folder} of this run's checkpoint folders, complete or not."""
     return {int(p.name[5:]): p for p in (run_dir / "checkpoints").glob("iter_?????????")}
 
 
@@ -520,25 +480,53 @@ def is_complete(path):
     return (path / ".metadata").is_file() and (path / "meta.json").is_file()
 
 
+def claim_run_dir(run_dir, meta, rank):
+    """Rank 0 locks the run folder, writes config.json and picks the checkpoint to resume (None: a fresh run):
+    resume=<folder>, else the newest complete one (latest_checkpoint.txt lags a stop between a rename and its
+    update). Checked before any heavy work: its adapter is this run's, and going on writes over no checkpoint."""
+    if rank != 0:
+        return None
+    lock_run_dir(run_dir)
+    if resume and not is_complete(Path(resume)):
+        raise SystemExit(f"resume={resume}: not a checkpoint folder train.py wrote (no .metadata or meta.json)")
+    complete = [p for _, p in sorted(checkpoint_folders(run_dir).items()) if is_complete(p)]
+    path = Path(resume) if resume else (complete[-1] if complete else None)
+    start = 0
+    if path is not None:
+        saved = json.loads((path / "meta.json").read_text())
+        for key in ("dit_preset", "base_fingerprint", "use_lora", "lora_rank", "lora_alpha", "lora_target_modules"):
+            if saved.get(key) != meta[key]:
+                raise SystemExit(f"checkpoint {path} was made with {key}={saved.get(key)!r}, this run has "
+                                 f"{meta[key]!r}")
+        start = saved["iteration"]
+    later = sorted(p.name for it, p in checkpoint_folders(run_dir).items() if it > start)
+    if later:
+        raise SystemExit(f"{run_dir / 'checkpoints'} already has {', '.join(later)}, after iteration {start} where "
+                         f"this run starts: going on would write over them. Resume into a new run (name=...), "
+                         f"or move them away")
+    print(json.dumps(meta["config"], indent=2, default=str))
+    (run_dir / "config.json").write_text(json.dumps(meta["config"], indent=2, default=str))
+    return path
+
+
 def lock_run_dir(run_dir):
-    """One run writes a run folder: its lock file names the holder's host and pid, is made atomically and is removed
-    at exit. A lock whose process is gone from this host is stale and taken over; any other refuses this run."""
-    lock, me = run_dir / "train.lock", f"{socket.gethostname()} {os.getpid()}"
+    """One run writes a run folder: its lock, made atomically and removed at exit, names the holder's host and pid;
+    one whose process is gone from this host is taken over, any other refuses this run."""
+    lock, host = run_dir / "train.lock", socket.gethostname()
     made = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
         holder = lock.read_text().split()
-        if len(holder) == 2 and holder[0] == socket.gethostname() and holder[1].isdigit() and not is_alive(
-                int(holder[1])):
+        if len(holder) == 2 and holder[0] == host and holder[1].isdigit() and not is_alive(int(holder[1])):
             print(f"{lock}: its run (pid {holder[1]}) is gone; taking the run folder over")
             lock.unlink()
             return lock_run_dir(run_dir)
         raise SystemExit(f"{run_dir} is in use by another train.py run (host and pid: {' '.join(holder)}, in {lock}). "
                          f"Wait for it to end or stop it; if it is gone (killed on another host), delete {lock}")
     with os.fdopen(fd, "w") as f:
-        f.write(me + "\n")
+        f.write(f"{host} {os.getpid()}\n")
 
     def release():
         lock.unlink(missing_ok=True)
@@ -558,55 +546,9 @@ def is_alive(pid):
     return True
 
 
-def claim_run_dir(run_dir, meta, rank):
-    """Rank 0 locks the run folder, then finds and checks the checkpoint to resume from (None: a fresh run)."""
-    if rank != 0:
-        return None
-    lock_run_dir(run_dir)
-    path = find_resume_checkpoint(run_dir)
-    check_resumable(run_dir, path, meta)
-    return path
-
-
-def on_preempt(signum, frame):
-    global _signalled
-    _signalled = True
-
-
-def find_resume_checkpoint(run_dir):
-    """resume=<folder>, else the run's newest complete checkpoint (latest_checkpoint.txt names it, unless the run
-    stopped between the folder's rename and that file's update)."""
-    if resume:
-        path = Path(resume)
-        if not is_complete(path):
-            raise SystemExit(f"resume={resume}: not a checkpoint folder train.py wrote (no .metadata or meta.json)")
-        return path
-    complete = [p for _, p in sorted(checkpoint_folders(run_dir).items()) if is_complete(p)]
-    return complete[-1] if complete else None
-
-
-def check_resumable(run_dir, path, meta):
-    """Before any heavy work: the checkpoint's adapter must be this run's (shape and scale), and training on from
-    its iteration must write no folder that exists already (iter_<N> folders are never written over)."""
-    start = 0
-    if path is not None:
-        saved_meta = json.loads((path / "meta.json").read_text())
-        for key in ("dit_preset", "base_fingerprint", "use_lora", "lora_rank", "lora_alpha", "lora_target_modules"):
-            if saved_meta.get(key) != meta.get(key):
-                raise SystemExit(f"checkpoint {path} was made with {key}={saved_meta.get(key)!r}, this run has "
-                                 f"{meta.get(key)!r}")
-        # checkpoints written before meta.json held the iteration: their folder name does
-        start = saved_meta.get("iteration", int(path.name[5:]) if path.name[5:].isdigit() else 0)
-    later = sorted(p.name for it, p in checkpoint_folders(run_dir).items() if it > start)
-    if later:
-        raise SystemExit(f"{run_dir / 'checkpoints'} already has {', '.join(later)}, after iteration {start} where "
-                         f"this run starts: going on would write over them. Resume into a new run (name=...), "
-                         f"or move them away")
-
-
 def load_checkpoint(path, model, optimizer, scheduler, ema, meta):
-    """Restore a checkpoint (checked by check_resumable) into this run. The settings that a resumed run may change
-    (the learning rate after a divergence, say) take effect, and each change is printed."""
+    """-> (iteration, samples drawn). Settings a resumed run changes (the lr after a divergence, say) take effect, and
+    each change is printed."""
     saved_meta = json.loads((path / "meta.json").read_text())
     state = checkpoint_state(model, optimizer, scheduler, ema, 0)
     dcp.load(state, checkpoint_id=str(path))
@@ -619,16 +561,15 @@ def load_checkpoint(path, model, optimizer, scheduler, ema, meta):
     for group in optimizer.param_groups:
         group.update(initial_lr=lr, lr=lr * lr_multiplier(step), betas=betas, eps=eps, weight_decay=weight_decay)
     saved, now = saved_meta["config"], json.loads(json.dumps(meta["config"]))  # tuples and int keys as saved
-    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k] and k not in (
-        "max_iter", "resume")]
-    changed += [f"{k} {saved_meta[k]} -> {meta[k]}" for k in ("world_size", "global_batch")
-                if saved_meta.get(k, meta[k]) != meta[k]]
-    # a checkpoint whose meta.json lacks "samples" counts them in this run's global batches, as resuming used to
-    position = saved_meta.get("samples", step * meta["global_batch"])
-    if changed and dist.get_rank() == 0:
-        print(f"resuming {path} with changed settings: {'; '.join(changed)} (the data goes on from sample "
-              f"{position} of the stream, as it would have)")
-    return step, position
+    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
+               if k in saved and saved[k] != now[k] and k not in ("max_iter", "resume")]
+    changed += [f"{k} {saved_meta[k]} -> {meta[k]}" for k in ("world_size", "global_batch") if saved_meta[k] != meta[k]]
+    if dist.get_rank() == 0:
+        if changed:
+            print(f"resuming {path} with changed settings: {'; '.join(changed)} (the data goes on from sample "
+                  f"{saved_meta['samples']} of the stream, as it would have)")
+        print(f"resumed from {path} at iteration {step}")
+    return step, saved_meta["samples"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -637,26 +578,20 @@ def load_checkpoint(path, model, optimizer, scheduler, ema, meta):
 
 
 def load_validation(device):
-    """Validation prompts encoded once (the text encoder is then freed) and the VAE kept for the run; built before
-    the DiT so the 7B encoder never shares the GPU with the training state. None when validation is off."""
+    """The prompts' embeddings and the VAE, before the DiT: the 7B text encoder never shares the GPU with training."""
     if not val_iter:
         return None
     if not (vae_checkpoint and text_encoder and val_prompts):
         if dist.get_rank() == 0:
             print("validation skipped: set vae_checkpoint, text_encoder and val_prompts to sample validation videos")
         return None
-    import sample
-
     texts = list(val_prompts) + ([sample.DEFAULT_NEGATIVE_PROMPT] if val_guidance else [])
     return sample.encode_prompts(texts, text_encoder, device), sample.load_vae(vae_checkpoint, device)
 
 
 def validate(validation, model, ema, step, run_dir, rank, world_size, device):
-    """Every rank samples ceil(n / world) clips with the EMA weights (FSDP needs the same forwards on all ranks;
-    a rank past the end of the list samples a spare copy and writes nothing). Under context parallelism the ranks
-    of a group sample each clip together and the group's first rank writes it."""
-    import sample
-
+    """Every rank samples ceil(n / groups) clips with the EMA weights: FSDP needs the same forwards on all ranks, so
+    a rank past the end of the list samples a spare one and writes nothing; a context-parallel group's first writes."""
     embeddings, vae = validation
     group, n_groups = rank // context_parallel_size, world_size // context_parallel_size
     writes = rank % context_parallel_size == 0
@@ -681,11 +616,10 @@ def swap_ema(model, ema):
         if isinstance(module, FSDPModule):
             module.reshard()
     params = dict(model.named_parameters())
-    for name, shadow in ema.items():
-        p = params[name]
-        tmp = p.detach().clone()
-        p.copy_(shadow)
-        shadow.copy_(tmp)
+    for key, shadow in ema.items():
+        weight = params[key].detach().clone()
+        params[key].copy_(shadow)
+        shadow.copy_(weight)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -702,57 +636,50 @@ def main(argv):
             print(f"  {key} = {globals()[key]!r}" + (f"  # {ranges[key][1]}" if key in ranges else ""))
         return
     rank, world_size, device = init_distributed()
-    config = on_all_ranks(load_config, argv, True)
+    config = on_all_ranks(load_config, argv)
     cp_group = on_all_ranks(context_parallel_group, rank, world_size)
     dp_rank, dp_size = rank // context_parallel_size, world_size // context_parallel_size
     run_dir = Path(out_dir) / name
     dataset = on_all_ranks(check_inputs, dp_rank, device)
-    meta = {"dit_preset": dit_preset, "base_checkpoint": str(Path(base_checkpoint).resolve()) if base_checkpoint
-            else "", "base_fingerprint": file_fingerprint(base_checkpoint) if base_checkpoint else "random:"
-            f"{seed}", "use_lora": use_lora, "lora_rank": lora_rank, "lora_alpha": lora_alpha,
+    meta = {"dit_preset": dit_preset,
+            "base_checkpoint": str(Path(base_checkpoint).resolve()) if base_checkpoint else "",
+            "base_fingerprint": file_fingerprint(base_checkpoint) if base_checkpoint else f"random:{seed}",
+            "use_lora": use_lora, "lora_rank": lora_rank, "lora_alpha": lora_alpha,
             "lora_target_modules": lora_target_modules, "world_size": world_size,
             "global_batch": batch_size * dp_size, "config": config}
     resume_from = [on_all_ranks(claim_run_dir, run_dir, meta, rank)]
     dist.broadcast_object_list(resume_from, src=0)  # rank 0's choice, for every rank
     resume_from = resume_from[0]
-    signal.signal(getattr(signal, preempt_signal), on_preempt)
-    if rank == 0:
-        print(json.dumps(config, indent=2, default=str))
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    signalled = []  # preempt_signal, once received: stop after this step
+    signal.signal(getattr(signal, preempt_signal), lambda signum, frame: signalled.append(signum))
 
     validation = load_validation(device)
     model = build_model(device)
     model.enable_context_parallel(cp_group)  # each rank's loss counts once: FSDP's mean over all ranks stays right
     model = shard_model(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier)
-    ema = {n: p.detach().clone().float() for n, p in zip(names, trainable)}
+    ema = {n: p.detach().clone().float() for n, p in trainable.items()}
 
     step, position = 0, 0  # position: samples drawn from the global stream, by all ranks together
     if resume_from is not None:
         step, position = load_checkpoint(resume_from, model, optimizer, scheduler, ema, meta)
-        if rank == 0:
-            print(f"resumed from {resume_from} at iteration {step}")
     if step >= max_iter and rank == 0:
         print(f"iteration {step} has reached max_iter={max_iter}: nothing to train (raise max_iter to go on)")
 
     data = build_data(dataset, dp_rank, dp_size, device, start_position=position)
     run = None
     if wandb and rank == 0:
-        import wandb as wandb_lib
-
+        import wandb as wandb_lib  # optional, and heavy to import
         mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
         run = wandb_lib.init(project=wandb_project, name=name, config=config, dir=str(run_dir), mode=mode,
                              resume="allow")
     bar = tqdm(total=max_iter, initial=step, disable=rank != 0, dynamic_ncols=True)
-    mode_names = {0: "text2world", 1: "image2world", 2: "video2world"}
-    # per-mode sums of the per-sample loss and sample counts since the last log (the same shape on every rank)
-    window = torch.zeros(2, len(mode_names), device=device, dtype=torch.float64)
-    window_steps = 0
-    t_last = time.perf_counter()
+    # per mode: the sum of the per-sample losses and the number of samples since the last log
+    window = torch.zeros(2, len(sample.MODE_NAMES), device=device, dtype=torch.float64)
+    logged_step, logged_time = step, time.perf_counter()
     preempted = False
     while step < max_iter and not preempted:
         latents, text_emb = next(data)
@@ -760,7 +687,7 @@ def main(argv):
                                                 sample_generators(position, dp_rank, dp_size, device))
         loss = per_sample.mean()
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip or math.inf, foreach=True)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable.values(), grad_clip or math.inf, foreach=True)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
             raise SystemExit(f"non-finite loss ({loss.item()}) or gradient norm ({grad_norm.item()}) at iteration "
@@ -768,39 +695,38 @@ def main(argv):
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        beta = ema_beta(step)
         with torch.no_grad():
-            torch._foreach_lerp_(list(ema.values()), [p.detach().float() for p in trainable], 1 - beta)
+            weights = [p.detach().float() for p in trainable.values()]
+            torch._foreach_lerp_(list(ema.values()), weights, 1 - ema_beta(step))
         step += 1
         position += batch_size * dp_size
-        stop = torch.tensor(float(_signalled), device=device)
+        stop = torch.tensor(float(bool(signalled)), device=device)
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops after the same step if any was signalled
         preempted = bool(stop.item())
 
         window[0].index_add_(0, n_cond, per_sample.detach().double())
         window[1].index_add_(0, n_cond, torch.ones_like(per_sample, dtype=torch.float64))
-        window_steps += 1
-        if rank == 0:
-            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                            grad=f"{grad_norm.item():.3f}", mem=f"{mem:.1f}G")
-            bar.update(1)
+        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                        grad=f"{grad_norm.item():.3f}", mem=f"{mem:.1f}G")  # rank 0's (the others' bar is off)
+        bar.update(1)
         if step % logging_iter == 0 or step == max_iter:
-            elapsed, t_last = time.perf_counter() - t_last, time.perf_counter()
+            now = time.perf_counter()
+            elapsed, steps = now - logged_time, step - logged_step
             dist.all_reduce(window)
             sums, counts = window.tolist()
             log = {"loss": sum(sums) / sum(counts)}
-            log.update({f"loss/{mode_names[n]}": s / c for n, (s, c) in enumerate(zip(sums, counts)) if c})
-            log.update(lr=scheduler.get_last_lr()[0], grad_norm=grad_norm.item(), sec_per_iter=elapsed / window_steps,
+            log.update({f"loss/{sample.MODE_NAMES[n]}": s / c for n, (s, c) in enumerate(zip(sums, counts)) if c})
+            log.update(lr=scheduler.get_last_lr()[0], grad_norm=grad_norm.item(), sec_per_iter=elapsed / steps,
                        samples_per_sec=sum(counts) / context_parallel_size / elapsed)  # each group counted cp times
             if device.type == "cuda":
-                log["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            if run is not None:
-                run.log(log, step=step)
+                log["max_memory_gib"] = mem
             if rank == 0:
                 bar.write(f"iter {step}: " + ", ".join(f"{k} {v:.6g}" for k, v in log.items()))
+            if run is not None:
+                run.log(log, step=step)
             window.zero_()
-            window_steps = 0
+            logged_step, logged_time = step, now
         if step % save_iter == 0 or step == max_iter or preempted:
             path = save_checkpoint(run_dir, model, optimizer, scheduler, ema, step, position, rank, meta)
             if rank == 0:
