@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import sample
 from lora import inject_lora, mark_only_lora_trainable
-from model import DIT_PRESETS, DiT, WanVAE, file_fingerprint
+from model import DIT_PRESETS, DiT, check_offload, WanVAE, file_fingerprint
 from prep_data import CachedDataset, CachedSampler, DataError, VideoDataset, encode_video, read_manifest
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -335,12 +335,10 @@ def check_inputs(rank, device):
     its weights unread) and the data is readable. Returns the dataset."""
     if base_checkpoint and not Path(base_checkpoint).is_file():
         raise SystemExit(f"base_checkpoint {base_checkpoint} does not exist")
-    if offload_block_inputs and activation_checkpointing == "none":
-        raise SystemExit("offload_block_inputs=True moves the block inputs that activation checkpointing keeps: set "
-                         "activation_checkpointing='full' or 'selective' (got 'none')")
-    if offload_block_inputs and device.type != "cuda":
-        raise SystemExit(f"offload_block_inputs=True copies block inputs between the GPU and pinned host memory: it "
-                         f"needs a CUDA device (got {device})")
+    try:
+        check_offload(activation_checkpointing, offload_block_inputs, device)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if not cache_dir and not (vae_checkpoint and text_encoder):
         raise SystemExit("online encoding needs vae_checkpoint and text_encoder (or set cache_dir)")
     build_model(torch.device("meta"))
