@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import sample
 from lora import inject_lora, mark_only_lora_trainable
-from model import DIT_PRESETS, DiT, check_offload, WanVAE, file_fingerprint
+from model import DIT_PRESETS, DiT, WanVAE, check_offload, file_fingerprint
 from prep_data import CachedDataset, CachedSampler, DataError, VideoDataset, encode_video, read_manifest
 
 # ----------------------------------------------------------------------------------------------------------------
