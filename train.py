@@ -315,7 +315,9 @@ def on_all_ranks(step, *args):
     messages = list(dict.fromkeys(m for m in messages if m is not None))
     if messages:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's, once a rank exits: every rank exits with code 1
-        raise SystemExit("\n".join(messages) if dist.get_rank() == 0 else 1)
+        rank = dist.get_rank()
+        dist.destroy_process_group()  # gloo's threads, left to the exit, can abort it
+        raise SystemExit("\n".join(messages) if rank == 0 else 1)
     return result
 
 
