@@ -25,7 +25,6 @@ module's effect is W + alpha/rank * B @ A, with A [rank, in] and B [out, rank].
 
 import argparse
 import json
-import os
 import re
 import sys
 import warnings
@@ -40,7 +39,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from lora import inject_lora
 from model import (DIT_BOOKKEEPING_KEYS, DIT_PRESETS, DIT_ROPE_BUFFER_KEYS, DiT, DiTConfig, check_keys,
                    file_fingerprint, infer_dit_config, load_checkpoint_file)
-from prep_data import write_safetensors
+from prep_data import write_atomic, write_safetensors
 
 # ----------------------------------------------------------------------------------------------------------------
 # Key layouts: official <-> diffusers' CosmosTransformer3DModel, and the strict key check
@@ -121,17 +120,16 @@ def save(path, obj, metadata=None):
     """Tensors to a .safetensors or torch file, or a dict to a .json file, written as `<name>.partial` and renamed:
     an interrupted conversion never leaves a truncated file behind."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    try:
+
+    def write(tmp):
         if path.suffix == ".safetensors":
             write_safetensors(obj, tmp, {"format": "pt", **(metadata or {})})
         elif path.suffix == ".json":
             tmp.write_text(json.dumps(obj, indent=2) + "\n")
         else:
             torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_atomic(path, write)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
 
 
